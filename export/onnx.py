@@ -1,0 +1,448 @@
+"""Lower a PyTorch module to a checked ONNX file whose numbers agree with PyTorch.
+
+`to_onnx` exports with the dynamo exporter (optionally with a dynamic batch dimension and
+in float16), runs the full ONNX checker, then runs the file in ONNX Runtime on the CPU
+and compares every output with the PyTorch module. The file appears at its path only
+after all of that passed, so a reader never sees a half-written or unverified model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from fxprune.errors import ExportError
+
+logger = logging.getLogger(__name__)
+
+# ONNX protobuf files cannot exceed 2 GiB; above this the weights must go to a side file.
+_PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Metadata keys that build_engine reads to pick optimization-profile shapes.
+META_EXAMPLE_SHAPES = "fxprune.example_shapes"
+META_DYNAMIC_BATCH = "fxprune.dynamic_batch"
+# Tolerances relative to each output's scale (max |reference|); fp16 keeps ~3 decimal digits.
+_DEFAULT_TOLERANCE = {False: (1e-3, 1e-4), True: (1e-2, 1e-4)}
+
+ExampleInputs = torch.Tensor | Sequence[Any] | Mapping[str, Any]
+
+
+@dataclass
+class OutputError:
+    """How far one ONNX Runtime output is from PyTorch's."""
+
+    name: str
+    max_abs_err: float
+    max_rel_err: float  # max_abs_err / max |reference|
+    scale: float
+    allowed_abs_err: float
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_err <= self.allowed_abs_err
+
+
+@dataclass
+class OnnxExportResult:
+    """What `to_onnx` wrote and how closely ONNX Runtime reproduces PyTorch on it."""
+
+    path: str
+    max_abs_err: float
+    max_rel_err: float
+    input_names: list[str]
+    output_names: list[str]
+    opset: int
+    fp16: bool = False
+    dynamic_batch: bool = True
+    outputs: list[OutputError] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        precision = "fp16" if self.fp16 else "fp32"
+        return (
+            f"{self.path} (opset {self.opset}, {precision}, "
+            f"{'dynamic' if self.dynamic_batch else 'static'} batch): "
+            f"max abs err {self.max_abs_err:.3g}, max rel err {self.max_rel_err:.3g}"
+        )
+
+
+def split_example_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Turn a tensor, a tuple/list of positional inputs or a dict of keyword inputs into (args, kwargs)."""
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,), {}
+    if isinstance(example_inputs, Mapping):
+        return (), dict(example_inputs)
+    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        return tuple(example_inputs), {}
+    raise ExportError(
+        f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, "
+        f"not {type(example_inputs).__name__}"
+    )
+
+
+def named_tensor_inputs(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> list[tuple[str, torch.Tensor]]:
+    """The tensor leaves of the inputs, in the order the exporter makes graph inputs, with names.
+
+    The dynamo exporter names a graph input after the forward parameter it binds to (or
+    the keyword), so binding to the signature recovers the names ONNX Runtime expects.
+    """
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = {**{f"input_{i}": a for i, a in enumerate(args)}, **kwargs}
+    named: list[tuple[str, torch.Tensor]] = []
+    for param_name, value in bound.items():
+        leaves = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
+        if isinstance(value, torch.Tensor):
+            named.append((param_name, value))
+        else:
+            named.extend((f"{param_name}_{i}", leaf) for i, leaf in enumerate(leaves))
+    return named
+
+
+def ort_feed(
+    input_names: Sequence[str], named_inputs: Sequence[tuple[str, torch.Tensor]]
+) -> dict[str, np.ndarray]:
+    """Numpy feeds for an ONNX Runtime session: matched by name, the rest by position."""
+    by_name = dict(named_inputs)
+    unnamed = [t for n, t in named_inputs if n not in input_names]
+    feed: dict[str, np.ndarray] = {}
+    for name in input_names:
+        tensor = by_name[name] if name in by_name else (unnamed.pop(0) if unnamed else None)
+        if tensor is None:
+            raise ExportError(
+                f"the ONNX graph expects an input {name!r} that the example inputs do not "
+                f"provide (given: {[n for n, _ in named_inputs]})"
+            )
+        feed[name] = tensor.detach().cpu().contiguous().numpy()
+    return feed
+
+
+def flatten_outputs(outputs: Any) -> list[tuple[str, torch.Tensor]]:
+    """Tensor leaves of a model output (tensor, tuple, dict, ModelOutput) with readable names.
+
+    The names follow the pytree path (`logits`, `output.0`, `pooled.1`) because the
+    exporter flattens outputs in the same pytree order.
+    """
+    if isinstance(outputs, torch.Tensor):
+        return [("output", outputs)]
+    leaves, _ = pytree.tree_flatten_with_path(outputs)
+    named = []
+    for key_path, leaf in leaves:
+        if not isinstance(leaf, torch.Tensor):
+            continue
+        parts = []
+        for key in key_path:
+            for attr in ("key", "idx", "name"):
+                if hasattr(key, attr):
+                    parts.append(str(getattr(key, attr)))
+                    break
+        name = ".".join(parts)
+        if not name or name[0].isdigit():
+            name = f"output.{name}" if name else "output"
+        named.append((name, leaf))
+    return named
+
+
+def _batch_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """dynamic_shapes marking dim 0 of every tensor input (of rank >= 1) as one shared batch."""
+    batch = torch.export.Dim("batch")
+
+    def spec(value: Any) -> Any:
+        return pytree.tree_map(
+            lambda leaf: {0: batch} if isinstance(leaf, torch.Tensor) and leaf.dim() > 0 else None,
+            value,
+        )
+
+    if kwargs:
+        return {name: spec(value) for name, value in kwargs.items()}
+    return tuple(spec(a) for a in args)
+
+
+def _batch_of_two(value: Any) -> Any:
+    return pytree.tree_map(
+        lambda t: (
+            torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1 else t
+        ),
+        value,
+    )
+
+
+def _check_batch_is_dynamic(program: Any, module_name: str) -> None:
+    static = [
+        f"{value.name} {list(value.shape.dims)}"
+        for value in program.model.graph.inputs
+        if value.shape is not None and len(value.shape) > 0 and isinstance(value.shape[0], int)
+    ]
+    if static:
+        raise ExportError(
+            f"dynamic_batch=True but the exported {module_name} has a fixed batch size on inputs "
+            f"{static}: the model fixes dim 0 somewhere (a view/reshape with a constant batch?). "
+            "Export with dynamic_batch=False, or make the model batch-agnostic."
+        )
+
+
+def _to_half(value: Any) -> Any:
+    return pytree.tree_map(
+        lambda t: t.half() if isinstance(t, torch.Tensor) and t.is_floating_point() else t, value
+    )
+
+
+def _state_bytes(module: nn.Module, fp16: bool) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(
+        t.numel() * (2 if fp16 and t.is_floating_point() else t.element_size()) for t in tensors
+    )
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Eval mode for export; the user's training flags (per submodule) are restored after."""
+    flags = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield module
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+
+def _ort_session(path: Path, fp16: bool):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    # ORT 1.31 crashes (SIGSEGV, uncatchable) while applying its ENABLE_ALL fusions to
+    # float16 attention graphs on the CPU; EXTENDED keeps every semantic-preserving rewrite
+    # that matters for a numerical check.
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        if fp16
+        else ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    )
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _output_error(
+    name: str, got: np.ndarray, want: np.ndarray, rtol: float, atol: float
+) -> OutputError:
+    got64 = got.astype(np.float64)
+    want64 = want.astype(np.float64)
+    diff = np.abs(got64 - want64)
+    # NaN in the same place on both sides is agreement; anywhere else it is an infinite error.
+    both_nan = np.isnan(got64) & np.isnan(want64)
+    diff = np.where(both_nan, 0.0, np.nan_to_num(diff, nan=np.inf))
+    finite_ref = np.abs(want64[np.isfinite(want64)])
+    scale = float(finite_ref.max()) if finite_ref.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    return OutputError(
+        name=name,
+        max_abs_err=max_abs,
+        max_rel_err=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf),
+        scale=scale,
+        allowed_abs_err=atol + rtol * scale,
+    )
+
+
+def compare_with_ort(
+    path: str | os.PathLike,
+    named_inputs: Sequence[tuple[str, torch.Tensor]],
+    reference: Sequence[tuple[str, torch.Tensor]],
+    *,
+    rtol: float,
+    atol: float,
+    fp16: bool = False,
+) -> list[OutputError]:
+    """Run the ONNX file in ONNX Runtime (CPU) and measure each output against `reference`."""
+    session = _ort_session(Path(path), fp16)
+    input_names = [i.name for i in session.get_inputs()]
+    output_names = [o.name for o in session.get_outputs()]
+    if len(output_names) != len(reference):
+        raise ExportError(
+            f"{path}: ONNX graph has {len(output_names)} outputs {output_names} but the "
+            f"PyTorch module returns {len(reference)} tensors {[n for n, _ in reference]}"
+        )
+    got = session.run(None, ort_feed(input_names, named_inputs))
+    errors = []
+    for onnx_name, array, (ref_name, ref) in zip(output_names, got, reference):
+        want = ref.detach().float().cpu().numpy() if ref.is_floating_point() else ref.cpu().numpy()
+        if array.shape != want.shape:
+            raise ExportError(
+                f"{path}: output {onnx_name!r} has shape {list(array.shape)} in ONNX Runtime but "
+                f"{list(want.shape)} in PyTorch ({ref_name})"
+            )
+        errors.append(_output_error(onnx_name, array, want, rtol, atol))
+    return errors
+
+
+def _worst(errors: Sequence[OutputError]) -> OutputError:
+    return max(
+        errors,
+        key=lambda e: (
+            e.max_abs_err / e.allowed_abs_err
+            if e.allowed_abs_err
+            else (math.inf if e.max_abs_err else 0.0)
+        ),
+    )
+
+
+def to_onnx(
+    module: nn.Module,
+    example_inputs: ExampleInputs,
+    path: str | os.PathLike,
+    fp16: bool = False,
+    dynamic_batch: bool = True,
+    opset: int | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+) -> OnnxExportResult:
+    """Export `module` to a checked ONNX file at `path` and verify it in ONNX Runtime.
+
+    example_inputs: a tensor, a tuple of positional inputs, or a dict of keyword inputs.
+    fp16: write float16 weights and activations (exported from a half copy of the module);
+        the check compares with the float32 module, so the default tolerance loosens.
+    dynamic_batch: dim 0 of every tensor input becomes one symbolic `batch` dimension.
+    rtol, atol: an output passes when max |onnx - torch| <= atol + rtol * max |torch|;
+        defaults are (1e-3, 1e-4) for fp32 and (1e-2, 1e-4) for fp16.
+
+    Raises ExportError (and writes nothing at `path`) when the folder is missing, the
+    exporter or the checker fails, or an output exceeds the tolerance.
+    """
+    import onnx
+
+    default_rtol, default_atol = _DEFAULT_TOLERANCE[bool(fp16)]
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    path = Path(path)
+    folder = path.parent.resolve()
+    if not folder.is_dir():
+        raise ExportError(
+            f"cannot write {path}: the folder {folder} does not exist (create it first)"
+        )
+    args, kwargs = split_example_inputs(example_inputs)
+    named_inputs = named_tensor_inputs(module, args, kwargs)
+
+    with _eval_mode(module):
+        with torch.no_grad():
+            reference = flatten_outputs(module(*args, **kwargs))
+        if not reference:
+            raise ExportError(f"{type(module).__name__} returns no tensors; nothing to export")
+        if fp16:
+            # A copy: the caller keeps a float32 module, and .half() would change it in place.
+            export_module = copy.deepcopy(module).half().eval()
+            args, kwargs = _to_half(args), _to_half(kwargs)
+            named_inputs = [(n, _to_half(t)) for n, t in named_inputs]
+        else:
+            export_module = module
+        if dynamic_batch:
+            # torch.export specializes a size-1 dimension to the constant 1 (its "0/1
+            # specialization"), silently making the batch static, so trace with batch 2.
+            args, kwargs = _batch_of_two(args), _batch_of_two(kwargs)
+            program = _export(
+                export_module, args, kwargs, _batch_dynamic_shapes(args, kwargs), opset, reference
+            )
+            _check_batch_is_dynamic(program, type(module).__name__)
+        else:
+            program = _export(export_module, args, kwargs, None, opset, reference)
+
+    program.model.metadata_props[META_EXAMPLE_SHAPES] = json.dumps(
+        {name: list(t.shape) for name, t in named_inputs}
+    )
+    program.model.metadata_props[META_DYNAMIC_BATCH] = json.dumps(bool(dynamic_batch))
+    large = _state_bytes(module, fp16) >= _PROTOBUF_LIMIT_BYTES
+    # The temp folder sits beside the target so the final os.replace is an atomic rename on
+    # the same filesystem, and it uses the final file name so external-data locations
+    # written into the model stay valid after the move.
+    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
+        tmp_path = Path(tmp) / path.name
+        program.save(tmp_path, external_data=large)
+        try:
+            onnx.checker.check_model(str(tmp_path), full_check=True)
+        except Exception as exc:  # the checker raises several unrelated exception types
+            raise ExportError(f"{path}: the exported model fails the ONNX checker: {exc}") from exc
+        errors = compare_with_ort(
+            tmp_path, named_inputs, reference, rtol=rtol, atol=atol, fp16=fp16
+        )
+        worst = _worst(errors)
+        if not worst.ok:
+            raise ExportError(
+                f"{path}: ONNX Runtime disagrees with PyTorch on output {worst.name!r}: max abs "
+                f"err {worst.max_abs_err:.3g} > allowed {worst.allowed_abs_err:.3g} (atol {atol:g} "
+                f"+ rtol {rtol:g} x output scale {worst.scale:.3g}); max rel err "
+                f"{worst.max_rel_err:.3g}. Nothing was written."
+            )
+        model_proto = onnx.load(str(tmp_path), load_external_data=False)
+        for side_file in sorted(Path(tmp).iterdir()):
+            if side_file != tmp_path:
+                os.replace(side_file, folder / side_file.name)
+        os.replace(tmp_path, path)
+
+    opset_version = next(
+        (o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), -1
+    )
+    result = OnnxExportResult(
+        path=str(path),
+        max_abs_err=max(e.max_abs_err for e in errors),
+        max_rel_err=max(e.max_rel_err for e in errors),
+        input_names=[i.name for i in model_proto.graph.input],
+        output_names=[o.name for o in model_proto.graph.output],
+        opset=opset_version,
+        fp16=bool(fp16),
+        dynamic_batch=bool(dynamic_batch),
+        outputs=errors,
+    )
+    logger.info("exported %s", result)
+    return result
+
+
+def _export(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+    opset: int | None,
+    reference: Sequence[tuple[str, torch.Tensor]],
+):
+    with warnings.catch_warnings():
+        # One shared Dim for every input's batch makes the exporter say it keeps one name.
+        warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
+        try:
+            program = torch.onnx.export(
+                module,
+                args,
+                kwargs=kwargs or None,
+                dynamo=True,
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                output_names=[n for n, _ in reference],
+                verbose=False,
+                report=False,
+            )
+        except Exception as exc:  # the exporter raises many types; all mean "could not export"
+            hint = (
+                " If the model fixes its batch size somewhere, retry with dynamic_batch=False."
+                if dynamic_shapes is not None
+                else ""
+            )
+            raise ExportError(
+                f"torch.onnx.export (dynamo) failed for {type(module).__name__}: "
+                f"{type(exc).__name__}: {exc}{hint}"
+            ) from exc
+    if program is None:
+        raise ExportError("torch.onnx.export returned no program")
+    return program

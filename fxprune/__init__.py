@@ -1,0 +1,55 @@
+"""fxprune: structured pruning as torch.fx compiler passes, verified and lowered to ONNX/TensorRT.
+
+    gm = fxprune.trace(model, example_inputs)
+    analysis = fxprune.analyze(model, example_inputs)
+    res = fxprune.prune(model, example_inputs, ratio=0.5, round_to=8)
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fxprune._version import __version__
+from fxprune.analysis import ChannelAnalysis, analyze
+from fxprune.channels import Member, PruneGroup
+from fxprune.errors import (
+    ExportError,
+    FxpruneError,
+    PassError,
+    PruneError,
+    TraceError,
+    VerificationError,
+)
+from fxprune.pass_infra import Pass, PassContext, PassManager, PassResult
+from fxprune.prune import Pruner, PruneResult, load, prune, save
+from fxprune.report import PruneReport, count_macs, count_params
+from fxprune.trace import trace
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "ChannelAnalysis",
+    "ExportError",
+    "FxpruneError",
+    "Member",
+    "Pass",
+    "PassContext",
+    "PassError",
+    "PassManager",
+    "PassResult",
+    "PruneError",
+    "PruneReport",
+    "PruneResult",
+    "Pruner",
+    "PruneGroup",
+    "TraceError",
+    "VerificationError",
+    "__version__",
+    "analyze",
+    "count_macs",
+    "count_params",
+    "load",
+    "prune",
+    "save",
+    "trace",
+]

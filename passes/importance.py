@@ -1,0 +1,159 @@
+"""ImportancePass: a score per channel of every prunable group.
+
+Scores are computed per member (the parameter slice along the member's dim) and
+combined per channel through the member's index map, then reduced over members
+(``mean`` / ``sum`` / ``max``) and normalised. Built-in criteria: ``l1``, ``l2``
+(magnitude), ``bn_scale`` (|gamma| of BatchNorm members), ``taylor`` (first order
+|w * dL/dw|, needs calibration batches and a loss), ``fpgm`` (distance to the
+geometric median of the source filters), ``random``; any callable
+``fn(group, params) -> Tensor[group.size]`` works too.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxprune.channels import PruneGroup
+from fxprune.errors import PruneError
+from fxprune.pass_infra import Pass, PassContext, PassResult
+
+logger = logging.getLogger(__name__)
+
+CRITERIA = ("l1", "l2", "bn_scale", "taylor", "fpgm", "random")
+
+
+def _slice_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
+    x = t.detach().float().transpose(0, dim).reshape(t.shape[dim], -1)
+    return x.abs().pow(p).sum(1)
+
+
+def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.zeros(size, dtype=torch.float64)
+    sel = index_map >= 0
+    out.index_add_(0, index_map[sel], values[sel].double())
+    return out
+
+
+class ImportancePass(Pass):
+    """Write ``ctx.results["scores"]``: {group id: float64 tensor of channel scores}."""
+
+    def __init__(self, importance: str | Callable = "l2", reduction: str = "mean",
+                 normalize: str | None = "mean", grads: dict[str, torch.Tensor] | None = None,
+                 seed: int = 0) -> None:
+        if isinstance(importance, str) and importance not in CRITERIA:
+            raise PruneError(f"importance must be one of {CRITERIA} or a callable, got {importance!r}.")
+        if reduction not in ("mean", "sum", "max"):
+            raise PruneError(f"importance reduction must be mean, sum or max, got {reduction!r}.")
+        self.importance = importance
+        self.reduction = reduction
+        self.normalize = normalize
+        self.grads = grads or {}
+        self.seed = seed
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        params = dict(gm.named_parameters(remove_duplicate=False))
+        params.update(dict(gm.named_buffers(remove_duplicate=False)))
+        if self.importance == "taylor" and not self.grads:
+            raise PruneError("importance='taylor' needs gradients: pass calibration batches and a "
+                             "loss function (prune(..., calibration=batches, loss_fn=fn)).")
+        gen = torch.Generator().manual_seed(self.seed)
+        scores = {}
+        for g in ctx.results["groups"]:
+            if not g.prunable:
+                continue
+            s = self.group_scores(g, params, gen)
+            scores[g.id] = self._normalize(s)
+        ctx.results["scores"] = scores
+        return PassResult(gm, False)
+
+    def group_scores(self, g: PruneGroup, params: dict[str, torch.Tensor], gen) -> torch.Tensor:
+        if callable(self.importance):
+            s = torch.as_tensor(self.importance(g, params), dtype=torch.float64)
+            if s.shape != (g.size,):
+                raise PruneError(f"custom importance returned shape {tuple(s.shape)} for group {g.id}, "
+                                 f"expected ({g.size},).")
+            return s
+        if self.importance == "random":
+            return torch.rand(g.size, generator=gen, dtype=torch.float64)
+        if self.importance == "fpgm":
+            return self._fpgm(g, params)
+        per_member = []
+        for m in g.members:
+            t = params.get(m.param)
+            if t is None or not t.is_floating_point():
+                continue
+            if self.importance == "bn_scale":
+                if not m.param.endswith("weight") or t.dim() != 1 or "running" in m.param:
+                    continue
+                if (m.param.rsplit(".", 1)[0] + ".running_var") not in params:
+                    continue
+                vals = t.detach().abs().float()
+            elif self.importance == "taylor":
+                grad = self.grads.get(m.param)
+                if grad is None:
+                    continue
+                vals = _slice_norms(t.detach() * grad, m.dim, 1.0)
+            else:
+                vals = _slice_norms(t, m.dim, 1.0 if self.importance == "l1" else 2.0)
+            per_member.append(_per_channel(vals, m.index_map, g.size))
+        if not per_member:
+            if self.importance == "bn_scale":  # no BatchNorm in this group: fall back to magnitude
+                return ImportancePass("l2", self.reduction, None).group_scores(g, params, gen)
+            return torch.zeros(g.size, dtype=torch.float64)
+        stacked = torch.stack(per_member)
+        if self.reduction == "sum":
+            return stacked.sum(0)
+        if self.reduction == "max":
+            return stacked.max(0).values
+        return stacked.mean(0)
+
+    def _fpgm(self, g: PruneGroup, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        m = g.member(*g.source) if g.source else None
+        t = params.get(m.param) if m is not None else None
+        if t is None:
+            return torch.zeros(g.size, dtype=torch.float64)
+        rows = t.detach().double().transpose(0, m.dim).reshape(t.shape[m.dim], -1)
+        feats = torch.zeros(g.size, rows.shape[1], dtype=torch.float64)
+        sel = m.index_map >= 0
+        feats.index_add_(0, m.index_map[sel], rows[sel])
+        return torch.cdist(feats, feats).sum(1)
+
+    def _normalize(self, s: torch.Tensor) -> torch.Tensor:
+        if self.normalize in (None, "none"):
+            return s
+        if self.normalize == "mean":
+            return s / (s.mean() + 1e-12)
+        if self.normalize == "max":
+            return s / (s.max() + 1e-12)
+        if self.normalize == "sum":
+            return s / (s.sum() + 1e-12)
+        if self.normalize == "standardization":
+            return (s - s.mean()) / (s.std() + 1e-12)
+        raise PruneError(f"unknown importance normalisation {self.normalize!r}.")
+
+
+def taylor_grads(module: torch.nn.Module, batches: Any, loss_fn: Callable) -> dict[str, torch.Tensor]:
+    """Accumulated gradients of ``loss_fn(module(batch), batch)`` over calibration batches."""
+    grads: dict[str, torch.Tensor] = {}
+    named = dict(module.named_parameters())
+    was_training = module.training
+    module.eval()
+    try:
+        for batch in batches:
+            module.zero_grad(set_to_none=True)
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            out = module(*inputs) if isinstance(inputs, tuple) else module(inputs)
+            loss = loss_fn(out, batch)
+            loss.backward()
+            for n, p in named.items():
+                if p.grad is not None:
+                    grads[n] = grads.get(n, 0) + p.grad.detach().clone()
+    finally:
+        module.zero_grad(set_to_none=True)
+        module.train(was_training)
+    return grads

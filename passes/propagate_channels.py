@@ -1,0 +1,72 @@
+"""PropagateChannelsPass: run the channel rules over every node, in graph order.
+
+Writes each tensor node's :class:`~fxprune.channels.Layout` to ``fxprune.layout``
+and leaves the atom table (with freeze / inexact reasons) in
+``ctx.results["channels"]``. A rule that fails is reported once and its op is
+treated as unknown (frozen): analysis never crashes and never guesses.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+from torch import nn
+
+from fxprune import meta
+from fxprune.ops import canonicalize
+from fxprune.pass_infra import Pass, PassContext, PassResult
+from fxprune.passes.channel_rules import RULES, ChannelEnv, default_rule
+
+logger = logging.getLogger(__name__)
+
+
+def param_aliases(gm: nn.Module) -> dict[str, str]:
+    """Map every name of a shared (tied) parameter to its first name."""
+    first: dict[int, str] = {}
+    alias: dict[str, str] = {}
+    for name, t in list(gm.named_parameters(remove_duplicate=False)) + list(
+        gm.named_buffers(remove_duplicate=False)
+    ):
+        key = id(t)
+        if key in first:
+            alias[name] = first[key]
+        else:
+            first[key] = name
+    return alias
+
+
+class PropagateChannelsPass(Pass):
+    """Relate the channel atoms of every node (analysis only; the graph is unchanged)."""
+
+    provides = (meta.OP, meta.LAYOUT)
+
+    def __init__(self, head_mode: str = "auto", ignore: tuple[str, ...] = ()) -> None:
+        self.head_mode = head_mode
+        self.ignore = tuple(ignore)
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        env = ChannelEnv(gm, head_mode=self.head_mode, param_alias=param_aliases(gm))
+        for node in gm.graph.nodes:
+            env.node = node
+            op = canonicalize(node, gm)
+            rule = RULES.get(op.kind, default_rule)
+            try:
+                result = rule(op, env)
+            except Exception as exc:  # noqa: BLE001 - a broken rule must not crash analysis
+                env.warn_once(f"error:{op.name}", f"channel rule for '{op.name}' failed at "
+                              f"{meta.describe(node)} ({type(exc).__name__}: {exc}); frozen.")
+                logger.debug("rule failure", exc_info=True)
+                result = default_rule(op, env)
+            env.layouts[node] = result
+            meta.put(node, meta.LAYOUT, result)
+        env.node = None
+        self._freeze_ignored(env)
+        ctx.results["channels"] = env
+        return PassResult(gm, False)
+
+    def _freeze_ignored(self, env: ChannelEnv) -> None:
+        for (fqn, _dim), atoms in env.param_atoms.items():
+            for prefix in self.ignore:
+                if fqn == prefix or fqn.startswith(prefix + "."):
+                    env.table.freeze(atoms, f"ignored by the user ({prefix})")
