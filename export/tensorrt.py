@@ -172,7 +172,12 @@ def _make_logger(trt: Any) -> Any:
             # Verbose messages can run to many megabytes; only the layer report is needed.
             if sev != severity.VERBOSE or msg.startswith("Layers:"):
                 self.messages.append((sev, msg))
-            logger.log(to_python.get(sev, logging.DEBUG), "[%s] %s", trt.__name__, msg)
+            level = to_python.get(sev, logging.DEBUG)
+            if level >= logging.ERROR and "cudaError 35" in msg:
+                # No GPU driver: expected when an engine is built ahead of time on a CPU; the
+                # build result says so once instead of three error lines.
+                level = logging.DEBUG
+            logger.log(level, "[%s] %s", trt.__name__, msg)
 
         def errors(self, since: int = 0) -> list[str]:
             bad = (severity.INTERNAL_ERROR, severity.ERROR)

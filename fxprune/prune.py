@@ -47,16 +47,28 @@ class PruneResult:
 
 def _validate(ratio: float, round_to: Any, align: str, target_macs: float | None) -> None:
     if target_macs is None and (not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0):
-        raise PruneError(f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio!r}.")
-    if target_macs is not None and not (isinstance(target_macs, (int, float)) and 0.0 < target_macs <= 1.0):
-        raise PruneError(f"target_macs must be in (0, 1] (the fraction of the original MACs to keep), "
-                         f"got {target_macs!r}.")
-    if round_to != "heads" and (not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1):
-        raise PruneError(f"round_to must be a positive integer (8 for fp16 tensor cores, 4 for tf32) "
-                         f"or 'heads', got {round_to!r}.")
+        raise PruneError(
+            f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio!r}."
+        )
+    if target_macs is not None and not (
+        isinstance(target_macs, (int, float)) and 0.0 < target_macs <= 1.0
+    ):
+        raise PruneError(
+            f"target_macs must be in (0, 1] (the fraction of the original MACs to keep), "
+            f"got {target_macs!r}."
+        )
+    if round_to != "heads" and (
+        not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1
+    ):
+        raise PruneError(
+            f"round_to must be a positive integer (8 for fp16 tensor cores, 4 for tf32) "
+            f"or 'heads', got {round_to!r}."
+        )
     if align not in ("round", "pad"):
-        raise PruneError(f"align must be 'round' (round kept channels down) or 'pad' (pad with zero "
-                         f"channels up to the multiple), got {align!r}.")
+        raise PruneError(
+            f"align must be 'round' (round kept channels down) or 'pad' (pad with zero "
+            f"channels up to the multiple), got {align!r}."
+        )
 
 
 def prune(
@@ -102,22 +114,53 @@ def prune(
     prefixes = ignored_prefixes(model, ignore)
     overrides = _override_names(model, ratios)
     work = model if inplace else copy.deepcopy(model)
-    gm = trace(work, example_inputs, frontend=frontend, leaf_modules=tuple(leaf_modules),
-               concrete_args=concrete_args)
+    gm = trace(
+        work,
+        example_inputs,
+        frontend=frontend,
+        leaf_modules=tuple(leaf_modules),
+        concrete_args=concrete_args,
+    )
     grads = None
     if importance == "taylor":
         if calibration is None or loss_fn is None:
-            raise PruneError("importance='taylor' needs calibration batches and a loss function: "
-                             "prune(..., calibration=batches, loss_fn=lambda out, batch: ...).")
+            raise PruneError(
+                "importance='taylor' needs calibration batches and a loss function: "
+                "prune(..., calibration=batches, loss_fn=lambda out, batch: ...)."
+            )
         from fxprune.passes.importance import taylor_grads
 
         grads = taylor_grads(copy.deepcopy(model), calibration, loss_fn)
-    return _prune_graph(gm, example_inputs, ratio=ratio, importance=importance, round_to=round_to,
-                        align=align, prefixes=prefixes, global_ranking=global_ranking,
-                        target_macs=target_macs, verify=verify, ratios=overrides,
-                        max_ratio=max_ratio, min_channels=min_channels, head_mode=head_mode,
-                        reduction=reduction, normalize=normalize, grads=grads,
-                        instruments=instruments, check=check)
+    res = _prune_graph(
+        gm,
+        example_inputs,
+        ratio=ratio,
+        importance=importance,
+        round_to=round_to,
+        align=align,
+        prefixes=prefixes,
+        global_ranking=global_ranking,
+        target_macs=target_macs,
+        verify=verify,
+        ratios=overrides,
+        max_ratio=max_ratio,
+        min_channels=min_channels,
+        head_mode=head_mode,
+        reduction=reduction,
+        normalize=normalize,
+        grads=grads,
+        instruments=instruments,
+        check=check,
+    )
+    res.kept = _user_names(res.kept, model)
+    return res
+
+
+def _user_names(kept: Kept, model: nn.Module) -> Kept:
+    """Only the model's own parameters and buffers (fx also slices constants it made from them)."""
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    names |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return {k: v for k, v in kept.items() if k in names}
 
 
 def _override_names(model: nn.Module, ratios: Mapping[Any, float] | None) -> dict[str, float]:
@@ -135,12 +178,28 @@ def _override_names(model: nn.Module, ratios: Mapping[Any, float] | None) -> dic
     return out
 
 
-def _prune_graph(gm: fx.GraphModule, example_inputs: Any, *, ratio: float, importance: Any,
-                 round_to: int | str, align: str, prefixes: tuple[str, ...], global_ranking: bool,
-                 target_macs: float | None, verify: bool, ratios: dict[str, float],
-                 max_ratio: float, min_channels: int, head_mode: str | None, reduction: str,
-                 normalize: str | None, grads: dict | None, instruments: Iterable[Instrument] = (),
-                 check: bool = False) -> PruneResult:
+def _prune_graph(
+    gm: fx.GraphModule,
+    example_inputs: Any,
+    *,
+    ratio: float,
+    importance: Any,
+    round_to: int | str,
+    align: str,
+    prefixes: tuple[str, ...],
+    global_ranking: bool,
+    target_macs: float | None,
+    verify: bool,
+    ratios: dict[str, float],
+    max_ratio: float,
+    min_channels: int,
+    head_mode: str | None,
+    reduction: str,
+    normalize: str | None,
+    grads: dict | None,
+    instruments: Iterable[Instrument] = (),
+    check: bool = False,
+) -> PruneResult:
     from fxprune.passes.importance import ImportancePass
     from fxprune.passes.select_channels import SelectChannelsPass, SelectionOptions
     from fxprune.passes.surgery import ChannelPlan, SurgeryPass
@@ -155,12 +214,22 @@ def _prune_graph(gm: fx.GraphModule, example_inputs: Any, *, ratio: float, impor
     macs_before, params_before = graph_macs(gm), count_params(gm)
     original = copy.deepcopy(gm) if verify else None
     layouts = {n.name: meta.get(n, meta.LAYOUT) for n in gm.graph.nodes}
-    PassManager([ImportancePass(importance, reduction, normalize, grads)], check=check,
-                instruments=instruments).run(gm, ctx)
+    PassManager(
+        [ImportancePass(importance, reduction, normalize, grads)],
+        check=check,
+        instruments=instruments,
+    ).run(gm, ctx)
 
     def select(r: float) -> None:
-        opts = SelectionOptions(ratio=r, round_to=align_to, align=align, global_ranking=global_ranking,
-                                max_ratio=max_ratio, min_channels=min_channels, ratios=ratios)
+        opts = SelectionOptions(
+            ratio=r,
+            round_to=align_to,
+            align=align,
+            global_ranking=global_ranking,
+            max_ratio=max_ratio,
+            min_channels=min_channels,
+            ratios=ratios,
+        )
         SelectChannelsPass(opts).call(gm, ctx)
 
     if target_macs is not None:
@@ -173,10 +242,15 @@ def _prune_graph(gm: fx.GraphModule, example_inputs: Any, *, ratio: float, impor
     passes = [SurgeryPass()] + ([VerifyPass()] if verify else [])
     PassManager(passes, check=check, instruments=instruments).run(gm, ctx)
     report = PruneReport(
-        macs_before=macs_before, macs_after=graph_macs(gm), params_before=params_before,
-        params_after=count_params(gm), groups=rows, frozen=sum(not g.prunable for g in groups),
+        macs_before=macs_before,
+        macs_after=graph_macs(gm),
+        params_before=params_before,
+        params_after=count_params(gm),
+        groups=rows,
+        frozen=sum(not g.prunable for g in groups),
         verified=ctx.results.get("verified", "not run (verify=False)"),
-        max_error=ctx.results.get("max_error"), frontend=frontend,
+        max_error=ctx.results.get("max_error"),
+        frontend=frontend,
     )
     return PruneResult(gm, ctx.results.get("kept", {}), report, groups)
 
@@ -202,8 +276,11 @@ def _search_ratio(gm, ctx, select, macs_before: int, target: float, max_ratio: f
     lo, hi = 0.0, max_ratio
     select(hi)
     if planned_macs() > target * macs_before:
-        logger.warning("target_macs=%.3f cannot be reached within max_ratio=%.2f; pruning at max_ratio",
-                       target, max_ratio)
+        logger.warning(
+            "target_macs=%.3f cannot be reached within max_ratio=%.2f; pruning at max_ratio",
+            target,
+            max_ratio,
+        )
         return
     for _ in range(14):
         mid = (lo + hi) / 2
@@ -224,8 +301,18 @@ def _group_rows(groups, selection, notes) -> list[GroupRow]:
         kept, pad = int((st == 1).sum()), int((st == 2).sum())
         if kept + pad == g.size and not notes.get(g.id):
             continue
-        rows.append(GroupRow(g.id, f"{g.source[0]}[{g.source[1]}]" if g.source else "?", g.structure,
-                             kept + pad, pad, g.size, g.units, notes.get(g.id, "")))
+        rows.append(
+            GroupRow(
+                g.id,
+                f"{g.source[0]}[{g.source[1]}]" if g.source else "?",
+                g.structure,
+                kept + pad,
+                pad,
+                g.size,
+                g.units,
+                notes.get(g.id, ""),
+            )
+        )
     return rows
 
 
@@ -238,7 +325,9 @@ def _compose(prev: Kept, new: Kept) -> Kept:
             if base is None:
                 out.setdefault(fqn, {})[d] = idx
             else:
-                out[fqn][d] = torch.where(idx >= 0, base[idx.clamp(min=0)], torch.full_like(idx, -1))
+                out[fqn][d] = torch.where(
+                    idx >= 0, base[idx.clamp(min=0)], torch.full_like(idx, -1)
+                )
     return out
 
 
@@ -250,8 +339,15 @@ class Pruner:
     Fine-tune ``pruner.module`` between steps.
     """
 
-    def __init__(self, model: nn.Module, example_inputs: Any, ratio: float = 0.5, steps: int = 1,
-                 inplace: bool = False, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: Any,
+        ratio: float = 0.5,
+        steps: int = 1,
+        inplace: bool = False,
+        **kwargs: Any,
+    ) -> None:
         if not isinstance(steps, int) or steps < 1:
             raise PruneError(f"steps must be a positive integer, got {steps!r}.")
         _validate(ratio, kwargs.get("round_to", 1), kwargs.get("align", "round"), None)
@@ -263,7 +359,9 @@ class Pruner:
         prefixes = ignored_prefixes(model, kwargs.pop("ignore", None))
         self.prefixes = prefixes
         work = model if inplace else copy.deepcopy(model)
-        self.module: nn.Module = trace(work, example_inputs, frontend=kwargs.pop("frontend", "auto"))
+        self.module: nn.Module = trace(
+            work, example_inputs, frontend=kwargs.pop("frontend", "auto")
+        )
 
     @property
     def done(self) -> bool:
@@ -277,14 +375,25 @@ class Pruner:
         keep = 1.0 - self.ratio * self.step_index / self.steps
         step_ratio = 1.0 - keep / prev_keep
         kw = dict(self.kwargs)
-        res = _prune_graph(self.module, self.example_inputs, ratio=step_ratio,
-                           importance=kw.pop("importance", "l2"), round_to=kw.pop("round_to", 1),
-                           align=kw.pop("align", "round"), prefixes=self.prefixes,
-                           global_ranking=kw.pop("global_ranking", False), target_macs=None,
-                           verify=kw.pop("verify", True), ratios=kw.pop("ratios", {}) or {},
-                           max_ratio=kw.pop("max_ratio", 0.9), min_channels=kw.pop("min_channels", 1),
-                           head_mode=kw.pop("head_mode", None), reduction=kw.pop("reduction", "mean"),
-                           normalize=kw.pop("normalize", "mean"), grads=None)
+        res = _prune_graph(
+            self.module,
+            self.example_inputs,
+            ratio=step_ratio,
+            importance=kw.pop("importance", "l2"),
+            round_to=kw.pop("round_to", 1),
+            align=kw.pop("align", "round"),
+            prefixes=self.prefixes,
+            global_ranking=kw.pop("global_ranking", False),
+            target_macs=None,
+            verify=kw.pop("verify", True),
+            ratios=kw.pop("ratios", {}) or {},
+            max_ratio=kw.pop("max_ratio", 0.9),
+            min_channels=kw.pop("min_channels", 1),
+            head_mode=kw.pop("head_mode", None),
+            reduction=kw.pop("reduction", "mean"),
+            normalize=kw.pop("normalize", "mean"),
+            grads=None,
+        )
         self.kept = _compose(self.kept, res.kept)
         self.history.append(res.report)
         res.kept = self.kept
@@ -292,13 +401,23 @@ class Pruner:
 
 
 def save(module: nn.Module, path: str | os.PathLike) -> Path:
-    """Save a pruned module whole (``torch.save`` of the module; written to a temp file first)."""
+    """Save a pruned module whole, written to a temp file first and then renamed.
+
+    fx-frontend modules are pickled with ``torch.save``; export-frontend modules are
+    re-exported and written with ``torch.export.save``. Load either with :func:`load`.
+    """
     path = Path(path)
     if not path.parent.exists():
         raise PruneError(f"cannot save to {path}: folder {path.parent} does not exist.")
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        torch.save(module, tmp)
+        meta_ = getattr(module, "meta", {})
+        if isinstance(module, fx.GraphModule) and meta_.get("fxprune.frontend") == "export":
+            ex = meta_["fxprune.example_inputs"]
+            ep = torch.export.export(module, ex.args, ex.kwargs or None, strict=False)
+            torch.export.save(ep, tmp)
+        else:
+            torch.save(module, tmp)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -307,8 +426,11 @@ def save(module: nn.Module, path: str | os.PathLike) -> Path:
 
 
 def load(path: str | os.PathLike) -> nn.Module:
-    """Load a module saved by :func:`save` (a pickled module: only load files you trust)."""
+    """Load a module saved by :func:`save` (pickled modules: only load files you trust)."""
     path = Path(path)
     if not path.exists():
         raise PruneError(f"no such file: {path}")
-    return torch.load(path, weights_only=False)
+    try:
+        return torch.export.load(path).module()
+    except Exception:
+        return torch.load(path, weights_only=False)

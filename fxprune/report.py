@@ -91,7 +91,7 @@ def _node_macs(gm: fx.GraphModule, op, shape: ShapeFn) -> int:
         if op.name == "einsum":
             b = shape(op.inputs[1])
             eq = op.attrs.get("equation", "")
-            lhs, rhs = eq.replace(" ", "").split("->")
+            lhs, _ = eq.replace(" ", "").split("->")
             la, lb = lhs.split(",")
             sizes = dict(zip(la, a)) | dict(zip(lb, b))
             return math.prod(sizes[c] for c in sizes)
@@ -149,22 +149,37 @@ class PruneReport:
 
     def summary_rows(self) -> list[tuple[str, str, str, str]]:
         return [
-            ("MACs", _human(self.macs_before), _human(self.macs_after), f"{self.macs_ratio:.2f}x fewer"),
-            ("params", _human(self.params_before), _human(self.params_after),
-             f"{self.params_ratio:.2f}x fewer"),
+            (
+                "MACs",
+                _human(self.macs_before),
+                _human(self.macs_after),
+                f"{self.macs_ratio:.2f}x fewer",
+            ),
+            (
+                "params",
+                _human(self.params_before),
+                _human(self.params_after),
+                f"{self.params_ratio:.2f}x fewer",
+            ),
         ]
 
     def __str__(self) -> str:
         lines = [f"{'':<8}{'before':>12}{'after':>12}  change"]
         lines += [f"{a:<8}{b:>12}{c:>12}  {d}" for a, b, c, d in self.summary_rows()]
-        lines.append(f"verified: {self.verified}" + (f" (max error {self.max_error:.2e})"
-                                                      if self.max_error is not None else ""))
+        lines.append(
+            f"verified: {self.verified}"
+            + (f" (max error {self.max_error:.2e})" if self.max_error is not None else "")
+        )
         lines.append("")
         lines.append(f"{'group':>5}  {'kept/total':>11}  {'pad':>4}  {'structure':<9}  source")
         for r in self.groups:
-            lines.append(f"{r.group:>5}  {f'{r.kept}/{r.total}':>11}  {r.padded:>4}  {r.structure:<9}  "
-                         f"{r.source}" + (f"  ({r.note})" if r.note else ""))
-        lines.append(f"{len(self.groups)} groups pruned, {self.frozen} frozen ({self.frontend} frontend)")
+            lines.append(
+                f"{r.group:>5}  {f'{r.kept}/{r.total}':>11}  {r.padded:>4}  {r.structure:<9}  "
+                f"{r.source}" + (f"  ({r.note})" if r.note else "")
+            )
+        lines.append(
+            f"{len(self.groups)} groups pruned, {self.frozen} frozen ({self.frontend} frontend)"
+        )
         return "\n".join(lines)
 
     def to_dict(self) -> dict[str, Any]:

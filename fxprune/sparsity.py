@@ -27,7 +27,6 @@ columns within one row.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 import time
@@ -126,7 +125,9 @@ def _from_rows(rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
 
 def _check_weight(weight: torch.Tensor, pat: NMPattern) -> None:
     if weight.dim() < 2:
-        raise SparsityError(f"N:M masks apply to conv/linear weights (2-D or more), got shape {tuple(weight.shape)}")
+        raise SparsityError(
+            f"N:M masks apply to conv/linear weights (2-D or more), got shape {tuple(weight.shape)}"
+        )
     if weight.shape[1] % pat.m:
         raise SparsityError(
             f"reduction dim (input channels) {weight.shape[1]} of weight {tuple(weight.shape)} "
@@ -137,7 +138,9 @@ def _check_weight(weight: torch.Tensor, pat: NMPattern) -> None:
 # --------------------------------------------------------------------------- masks
 
 
-def nm_mask(weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") -> torch.Tensor:
+def nm_mask(
+    weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4"
+) -> torch.Tensor:
     """Boolean mask keeping the N largest-|w| of every M consecutive input channels.
 
     ``weight`` is a Linear ``(out, in)`` or Conv ``(out, in, *kernel)`` weight; the
@@ -190,7 +193,10 @@ def nm_eligibility(
     if numel < min_size:
         return False, f"{numel} weights < min_size={min_size}: too small for sparse kernels to gain"
     if align and (out_c % 8 or in_c % 16):
-        return False, f"out={out_c} not a multiple of 8 or in={in_c} not a multiple of 16 (tensor-core alignment)"
+        return (
+            False,
+            f"out={out_c} not a multiple of 8 or in={in_c} not a multiple of 16 (tensor-core alignment)",
+        )
     return True, "eligible"
 
 
@@ -199,7 +205,9 @@ def _permuted(weight: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
         return weight
     perm = torch.as_tensor(perm, dtype=torch.long, device=weight.device)
     if perm.numel() != weight.shape[1]:
-        raise SparsityError(f"permutation has {perm.numel()} entries, weight has {weight.shape[1]} input channels")
+        raise SparsityError(
+            f"permutation has {perm.numel()} entries, weight has {weight.shape[1]} input channels"
+        )
     return weight.index_select(1, perm)
 
 
@@ -220,7 +228,9 @@ def retained_magnitude(
     return kept / total
 
 
-def per_row_upper_bound(weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") -> float:
+def per_row_upper_bound(
+    weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4"
+) -> float:
     """Fraction of ``sum |w|`` kept by the largest N/M of each row, ignoring the group structure.
 
     No permutation can beat it: every row of every N:M mask keeps exactly N/M of
@@ -262,9 +272,13 @@ def per_row_upper_bound(weight: torch.Tensor, pattern: str | tuple[int, int] | N
 # Nominal single-core throughput (element-ops per second) of the vectorised
 # max-and-sum. Only used to size blocks from the shape and the budget, so that the
 # block layout (and with it the result) does not depend on how loaded the machine is.
-_NOMINAL_OPS_PER_S = 4e8
+_NOMINAL_OPS_PER_S = 1.5e9
 _TENURE = 4  # tabu tenure is drawn from [_TENURE, 2 * _TENURE)
 _KICK_SWAPS = 8  # random swaps applied when restarting from the best order
+# Steps without a new best before a block is left, in multi-block rounds: start
+# with near-greedy descent (cheap, most of the gain on large layers) and search
+# deeper each time a whole round finds nothing.
+_STALL_LEVELS = (4, 16, 64, 256)
 
 
 def _column_matrix(weight: torch.Tensor) -> np.ndarray:
@@ -288,7 +302,6 @@ class _SwapTable:
         self.ids = np.arange(c)
         self.slot_of = np.arange(c)
         self.group = np.arange(c) // m
-        self.mates = np.array([[j for j in range(m) if j != i] for i in range(m)])
         self.score = np.zeros(c // m, dtype=np.float64)
         # replace[p, q]: score of p's group with the column in slot q in place of p's.
         self.replace = np.empty((c, c), dtype=np.float32)
@@ -307,12 +320,18 @@ class _SwapTable:
         n, m = self.n, self.m
         slots = (groups[:, None] * m + np.arange(m)).ravel()
         members = self.cols[slots].reshape(len(groups), m, -1)  # (g, m, rows)
-        top = -np.sort(-members, axis=1)
-        self.score[groups] = top[:, :n].sum(axis=(1, 2), dtype=np.float64)
-        mates = np.sort(members[:, self.mates], axis=2)  # (g, m, m-1, rows), ascending
-        nth = mates[:, :, m - 1 - n].reshape(len(slots), -1)
-        base = mates[:, :, m - n :].sum(axis=(2, 3)).reshape(-1) if n > 1 else np.zeros(len(slots))
-        self.replace[slots] = base[:, None] + np.maximum(self.cols[None, :, :], nth[:, None, :]).sum(axis=-1)
+        top, nth, after = _order_stats(members, n)
+        self.score[groups] = top.sum(axis=1, dtype=np.float64)
+        # Per member x of a group, with v_N / v_N+1 the N-th / (N+1)-th largest of the
+        # group: its mates' top N-1 sum to top - max(x, v_N), and their N-th largest
+        # is v_N+1 if x is kept, else v_N.
+        x = members
+        rest = (top[:, None, :] - np.maximum(x, nth[:, None, :])).sum(axis=2, dtype=np.float64)
+        mate_nth = np.where(x >= nth[:, None, :], after[:, None, :], nth[:, None, :])
+        mate_nth = mate_nth.reshape(len(slots), -1)
+        self.replace[slots] = rest.reshape(-1, 1) + np.maximum(
+            self.cols[None, :, :], mate_nth[:, None, :]
+        ).sum(axis=-1, dtype=np.float32)
         return slots
 
     def swap(self, p: int, q: int) -> None:
@@ -320,7 +339,7 @@ class _SwapTable:
             arr[[p, q]] = arr[[q, p]]
         self.slot_of[self.ids[[p, q]]] = [p, q]
         self.replace[:, [p, q]] = self.replace[:, [q, p]]
-        touched = self._refresh(np.unique(self.group[[p, q]]))
+        touched = self._refresh(np.array(sorted({p // self.m, q // self.m})))
         s = self.score[self.group].astype(np.float32)
         rows = self.replace[touched] + self.replace[:, touched].T - s[touched][:, None] - s[None, :]
         rows[self.group[touched][:, None] == self.group[None, :]] = -np.inf
@@ -337,18 +356,32 @@ class _Budget:
     steps: int = 0
 
     def out(self) -> bool:
-        return (self.max_steps is not None and self.steps >= self.max_steps) or time.perf_counter() >= self.deadline
+        return (
+            self.max_steps is not None and self.steps >= self.max_steps
+        ) or time.perf_counter() >= self.deadline
 
 
 def _tabu_block(
-    cols: np.ndarray, n: int, m: int, rng: np.random.Generator, steps: int, stall: int, budget: _Budget
+    cols: np.ndarray,
+    n: int,
+    m: int,
+    rng: np.random.Generator,
+    steps: int,
+    stall: int,
+    budget: _Budget,
+    restart: bool,
 ) -> tuple[np.ndarray, float, float]:
-    """Tabu search on one block; returns (best order of the block's columns, start score, best score)."""
+    """Tabu search on one block; returns (best order of the block's columns, start score, best score).
+
+    After ``stall`` steps without a new best it either restarts from the best order
+    shaken by a few random swaps (``restart``) or gives up on the block.
+    """
     table = _SwapTable(cols, n, m)
     start = best = table.total
     best_ids = table.ids.copy()
     c = len(best_ids)
-    tabu: dict[tuple[int, int], int] = {}  # (column id, group) -> step until which it may not return
+    # (column id, group) -> step until which the column may not move back into the group.
+    tabu: dict[tuple[int, int], int] = {}
     since_best = 0
     for step in range(steps):
         if budget.out():
@@ -387,6 +420,8 @@ def _tabu_block(
             continue
         since_best += 1
         if since_best >= stall:
+            if not restart:
+                break
             # Stalled: restart from the best order shaken by a few random swaps.
             kicked = best_ids.copy()
             for _ in range(min(_KICK_SWAPS, c // m)):
@@ -399,7 +434,7 @@ def _tabu_block(
     return best_ids, start, best
 
 
-def _initial_order(colmat: np.ndarray, n: int, m: int) -> np.ndarray:
+def _initial_order(colmat: np.ndarray, n: int, m: int, plain: float) -> tuple[np.ndarray, float]:
     """The better of the identity and a strength-balanced order.
 
     The balanced order gives every group N columns from the strong half and M-N
@@ -413,28 +448,49 @@ def _initial_order(colmat: np.ndarray, n: int, m: int) -> np.ndarray:
     strong = order[:n_strong].reshape(-1, n)
     weak = order[n_strong:].reshape(-1, m - n)
     balanced = np.concatenate([strong, weak], axis=1).ravel()
-    ident = np.arange(c)
-    return max((ident, balanced), key=lambda o: _order_score(colmat, o, n, m))
+    score = _order_score(colmat, balanced, n, m)
+    return (balanced, score) if score > plain else (np.arange(c), plain)
+
+
+def _order_stats(members: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For groups ``(g, m, rows)``: (sum of the N largest, N-th largest, (N+1)-th largest) per row.
+
+    An odd-even transposition network on the m slices: numpy's sort along a short
+    axis costs about ten times more.
+    """
+    m = members.shape[1]
+    v = [members[:, i] for i in range(m)]
+    for rnd in range(m):
+        for i in range(rnd % 2, m - 1, 2):
+            v[i], v[i + 1] = np.maximum(v[i], v[i + 1]), np.minimum(v[i], v[i + 1])
+    top = v[0].copy()
+    for i in range(1, n):
+        top += v[i]
+    return top, v[n - 1], v[n]
 
 
 def _order_score(colmat: np.ndarray, order: np.ndarray, n: int, m: int) -> float:
-    groups = colmat[order].reshape(-1, m, colmat.shape[1])
-    return float(-np.sort(-groups, axis=1)[:, :n].sum(dtype=np.float64))
+    """Magnitude the N:M mask keeps with the columns in ``order`` (chunked to bound memory)."""
+    total = 0.0
+    step = max(m, (1 << 22) // max(1, colmat.shape[1]) // m * m)
+    for c0 in range(0, len(order), step):
+        groups = colmat[order[c0 : c0 + step]].reshape(-1, m, colmat.shape[1])
+        total += float(_order_stats(groups, n)[0].sum(dtype=np.float64))
+    return total
 
 
 def _block_groups(c: int, rows: int, m: int, time_budget: float) -> int:
-    """Groups per block: the largest block whose full round fits a third of the budget.
+    """Groups per block: up to 128 columns, fewer when a round would not fit the budget.
 
     A round over blocks of b columns costs about C * rows * b * (M + 1) element-ops
-    (building each block's swap table plus ~b/2 swaps per block). Sized from the
-    shape and the budget only, never from measured speed, so that the block layout
-    is reproducible.
+    (each block's swap table plus ~b/2 swaps); the block is the largest whose round
+    fits a third of the budget. Sized from the shape and the budget only, never from
+    measured speed, so that the block layout (and the result) is reproducible.
     """
-    groups = c // m
-    for cols in (512, 256, 128, 64):
+    for cols in (128, 64):
         if c * rows * min(cols, c) * (m + 1) / _NOMINAL_OPS_PER_S <= time_budget / 3:
-            return max(2, min(groups, cols // m))
-    return max(2, min(groups, 32 // m))
+            return max(2, min(c // m, cols // m))
+    return max(2, min(c // m, 32 // m))
 
 
 def search_permutation(
@@ -476,25 +532,26 @@ def search_permutation(
     # The tensors here are small and the work is a long chain of small numpy ops;
     # numpy runs them on one core, which on a shared 2-core machine is both faster
     # and far steadier than torch's intra-op threads.
-    perm = _initial_order(colmat, n, m)
     plain = _order_score(colmat, identity.numpy(), n, m)
-    current = _order_score(colmat, perm, n, m)
+    perm, current = _initial_order(colmat, n, m, plain)
     groups = c // m
     block = _block_groups(c, rows, m, time_budget)
     single = block >= groups
-    # One block: long tabu runs with restarts. Many blocks: shorter runs per block,
-    # re-drawn each round so that any two groups eventually meet.
-    steps = max(2000, 16 * c) if single else max(64, 2 * block * m)
-    stall = max(300, 4 * c) if single else max(32, block * m)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(desc=f"permutation {tuple(weight.shape)}", unit="round", leave=False)
-    rounds = idle_rounds = 0
-    while not budget.out() and idle_rounds < 2:
+    rounds = idle_rounds = level = 0
+    while not budget.out():
         rounds += 1
-        order = np.arange(groups) if single else rng.permutation(groups)
+        if single:
+            # One block holds every group: long tabu runs with restarts from the best.
+            order, steps, stall = np.arange(groups), max(2000, 16 * c), max(300, 4 * c)
+        else:
+            # Blocks re-drawn every round, so that any two groups eventually meet.
+            order, stall = rng.permutation(groups), _STALL_LEVELS[level]
+            steps = 16 * stall
         improved = False
         for b0 in range(0, groups, block):
             if budget.out():
@@ -504,15 +561,26 @@ def search_permutation(
                 continue
             slots = (np.sort(gsel)[:, None] * m + np.arange(m)).ravel()
             sub = perm[slots]
-            best_ids, before, after = _tabu_block(colmat[sub], n, m, rng, steps, stall, budget)
+            best_ids, before, after = _tabu_block(
+                colmat[sub], n, m, rng, steps, stall, budget, single
+            )
             if after > before + 1e-9 * max(1.0, abs(before)):
                 perm[slots] = sub[best_ids]
                 current += after - before
                 improved = True
-        idle_rounds = 0 if improved else idle_rounds + 1
         if bar is not None:
             bar.update(1)
             bar.set_postfix(kept=f"{current / max(plain, 1e-30):.4f}x", steps=budget.steps)
+        if improved:
+            idle_rounds = 0
+            continue
+        idle_rounds += 1
+        if single and idle_rounds >= 2:
+            break
+        if not single:
+            level += 1
+            if level == len(_STALL_LEVELS):
+                break
     if bar is not None:
         bar.close()
     elapsed = time.perf_counter() - start_time
@@ -538,9 +606,12 @@ def search_permutation(
 class NMMask(nn.Module):
     """Parametrization ``w -> w * mask``; the mask is a buffer saved with the module."""
 
-    def __init__(self, mask: torch.Tensor) -> None:
+    def __init__(self, mask: torch.Tensor, owner_order: list[str] | None = None) -> None:
         super().__init__()
         self.register_buffer("mask", mask.detach().to(torch.bool).clone())
+        # The owner's parameter order before parametrization, restored by bake_masks so
+        # that state_dict() and parameters() come out in the original order.
+        self.owner_order = list(owner_order or [])
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return weight * self.mask
@@ -571,8 +642,11 @@ def apply_nm_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.M
             continue
         param = getattr(owner, attr)
         if tuple(mask.shape) != tuple(param.shape):
-            raise SparsityError(f"mask for {name} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}")
-        parametrize.register_parametrization(owner, attr, NMMask(mask.to(param.device)))
+            raise SparsityError(
+                f"mask for {name} has shape {tuple(mask.shape)}, parameter has {tuple(param.shape)}"
+            )
+        order = list(owner._parameters.keys())
+        parametrize.register_parametrization(owner, attr, NMMask(mask.to(param.device), order))
     return module
 
 
@@ -586,8 +660,14 @@ def bake_masks(module: nn.Module) -> nn.Module:
         if not parametrize.is_parametrized(sub):
             continue
         for attr in list(sub.parametrizations.keys()):
-            if any(isinstance(p, NMMask) for p in sub.parametrizations[attr]):
-                parametrize.remove_parametrizations(sub, attr, leave_parametrized=True)
+            masks = [p for p in sub.parametrizations[attr] if isinstance(p, NMMask)]
+            if not masks:
+                continue
+            parametrize.remove_parametrizations(sub, attr, leave_parametrized=True)
+            rank = {name: i for i, name in enumerate(masks[0].owner_order)}
+            params = sorted(sub._parameters.items(), key=lambda kv: rank.get(kv[0], len(rank)))
+            sub._parameters.clear()
+            sub._parameters.update(params)
     return module
 
 
@@ -632,9 +712,6 @@ class NMReport:
     def failed(self) -> list[NMLayerCheck]:
         return [layer for layer in self.layers if not layer.passed]
 
-    def __bool__(self) -> bool:
-        return self.passed
-
     def __str__(self) -> str:
         width = max([len(layer.name) for layer in self.layers] + [5])
         lines = [
@@ -644,7 +721,7 @@ class NMReport:
         ]
         for la in self.layers:
             lines.append(
-                f"{la.name:<{width}}  {str(la.shape):<20} {'yes' if la.passed else 'NO':<4} "
+                f"{la.name:<{width}}  {la.shape!s:<20} {'yes' if la.passed else 'NO':<4} "
                 f"{la.sparsity:>8.3f} {la.retained:>8.3f} {la.violations:>6}/{la.groups}"
             )
         lines += [f"skipped {name}: {reason}" for name, reason in self.skipped]
@@ -672,11 +749,13 @@ def _check_array(name: str, values: np.ndarray, axis: int, pat: NMPattern) -> NM
 
 
 def _nm_weights(module: nn.Module) -> Iterable[tuple[str, torch.Tensor, int]]:
-    """(name, weight, groups) of every Linear and (non-transposed) Conv weight."""
+    """(name, weight, groups) of every Linear, (non-transposed) Conv and MHA input projection."""
     for mod_name, mod in module.named_modules():
         prefix = f"{mod_name}." if mod_name else ""
         if isinstance(mod, nn.Linear):
             yield prefix + "weight", mod.weight, 1
+        elif isinstance(mod, nn.MultiheadAttention) and mod.in_proj_weight is not None:
+            yield prefix + "in_proj_weight", mod.in_proj_weight, 1
         elif isinstance(mod, nn.modules.conv._ConvNd) and not mod.transposed:
             yield prefix + "weight", mod.weight, mod.groups
 
@@ -718,7 +797,9 @@ def check_nm(
         report.layers.append(_check_array(name, weight.detach().float().cpu().numpy(), 1, pat))
     if wanted is not None:
         missing = wanted - {name for name, _, _ in candidates}
-        report.skipped += [(name, "not a conv/linear weight of this model") for name in sorted(missing)]
+        report.skipped += [
+            (name, "not a conv/linear weight of this model") for name in sorted(missing)
+        ]
     return report
 
 
@@ -772,7 +853,9 @@ def check_onnx_nm(
 
     pat = parse_pattern(pattern)
     model = onnx.load(str(onnx_path))
-    consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts: dict[str, np.ndarray] = {
+        t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+    }
     producer = {}
     for node in model.graph.node:
         for out in node.output:
@@ -825,8 +908,14 @@ def check_onnx_nm(
         if values.ndim == 2 and axis == 0:
             view_shape = (values.shape[1], values.shape[0])
         else:
-            view_shape = (values.shape[0], values.shape[axis], *(d for i, d in enumerate(values.shape) if i not in (0, axis)))
-        ok, reason = nm_eligibility(tuple(view_shape), pat, groups=groups, min_size=min_size, align=align)
+            view_shape = (
+                values.shape[0],
+                values.shape[axis],
+                *(d for i, d in enumerate(values.shape) if i not in (0, axis)),
+            )
+        ok, reason = nm_eligibility(
+            tuple(view_shape), pat, groups=groups, min_size=min_size, align=align
+        )
         if not ok:
             report.skipped.append((label, reason))
             continue

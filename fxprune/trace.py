@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 import logging
-import sys
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,7 +93,7 @@ def trace(
             gm = _trace_fx(model, inputs, leaf_modules, concrete_args)
             gm.meta["fxprune.frontend"] = "fx"
             return gm
-        except Exception as exc:  # noqa: BLE001 - any tracer failure means "try the next frontend"
+        except Exception as exc:
             failures.append(("fx", exc))
             if frontend == "auto":
                 logger.info(
@@ -104,8 +103,9 @@ def trace(
         try:
             gm = _trace_export(model, inputs)
             gm.meta["fxprune.frontend"] = "export"
+            gm.meta["fxprune.example_inputs"] = inputs  # to re-export when saving
             return gm
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             failures.append(("export", exc))
     raise _trace_error(model, failures) from failures[-1][1]
 
@@ -155,8 +155,19 @@ class _FakeShapeProp(torch.fx.Interpreter):
 
 
 _SHAPE_KEEPING = (
-    nn.modules.batchnorm._BatchNorm, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Dropout, nn.Identity, nn.LeakyReLU, nn.Mish,
+    nn.modules.batchnorm._BatchNorm,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.SiLU,
+    nn.GELU,
+    nn.Hardswish,
+    nn.Hardsigmoid,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Dropout,
+    nn.Identity,
+    nn.LeakyReLU,
+    nn.Mish,
 )
 
 
@@ -196,7 +207,7 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
         with torch.no_grad():
             _FakeShapeProp(gm, mode).run(*fake_args)
         return
-    except Exception as exc:  # noqa: BLE001 - data-dependent ops need real values
+    except Exception as exc:
         logger.debug("fake shape propagation failed (%s); running for real", _one_line(exc))
     finally:
         fake_log.setLevel(level)
@@ -284,7 +295,3 @@ def flat_inputs(gm: fx.GraphModule, inputs: Any) -> list[Any]:
 def reshape_shapes(gm: fx.GraphModule, inputs: Any) -> None:
     """Re-propagate shapes through ``gm`` (after surgery) from example inputs."""
     propagate_shapes(gm, flat_inputs(gm, inputs))
-
-
-if sys.version_info < (3, 10):  # pragma: no cover
-    raise ImportError("fxprune needs Python 3.10 or newer")

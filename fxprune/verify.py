@@ -64,8 +64,10 @@ def check_params(original: nn.Module, pruned: nn.Module, kept: Kept) -> None:
         want = slice_tensor(orig[fqn], dims)
         got = new[fqn].detach()
         if want.shape != got.shape or not torch.equal(want, got):
-            raise VerificationError(f"parameter {fqn} is not the original indexed by the kept indices "
-                                    f"(shape {list(got.shape)} vs {list(want.shape)}).")
+            raise VerificationError(
+                f"parameter {fqn} is not the original indexed by the kept indices "
+                f"(shape {list(got.shape)} vs {list(want.shape)})."
+            )
 
 
 def _outputs(module: nn.Module, inputs: Any) -> list[torch.Tensor]:
@@ -93,11 +95,15 @@ def compare_outputs(masked: nn.Module, pruned: nn.Module, inputs: Any) -> float:
     """Max error between the masked original and the pruned model; raises past tolerance."""
     ref, got = _outputs(masked, inputs), _outputs(pruned, inputs)
     if len(ref) != len(got):
-        raise VerificationError(f"the pruned model returns {len(got)} tensors, the original {len(ref)}.")
+        raise VerificationError(
+            f"the pruned model returns {len(got)} tensors, the original {len(ref)}."
+        )
     err, scale = max_error(ref, got)
     if err > TOLERANCE * max(scale, 1.0):
-        raise VerificationError(f"pruned output differs from the masked original by {err:.3e} "
-                                f"(output scale {scale:.3e}, tolerance {TOLERANCE:g} of the scale).")
+        raise VerificationError(
+            f"pruned output differs from the masked original by {err:.3e} "
+            f"(output scale {scale:.3e}, tolerance {TOLERANCE:g} of the scale)."
+        )
     return err
 
 
@@ -113,8 +119,13 @@ class _Recorder(torch.fx.Interpreter):
         return out
 
 
-def first_divergence(masked_gm: fx.GraphModule, pruned_gm: fx.GraphModule, inputs: Any,
-                     plan: Any, layouts: dict[str, Layout]) -> str | None:
+def first_divergence(
+    masked_gm: fx.GraphModule,
+    pruned_gm: fx.GraphModule,
+    inputs: Any,
+    plan: Any,
+    layouts: dict[str, Layout],
+) -> str | None:
     """Name and source line of the first node whose pruned output differs from the masked one."""
     from fxprune.passes.select_channels import DROP
 

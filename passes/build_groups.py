@@ -38,7 +38,9 @@ class BuildGroupsPass(Pass):
             if env.param_source.get(key):
                 merged.union_all(classes)
         # Order channels by first appearance in a source dim (then any other dim).
-        keys = [k for k in dims if env.param_source.get(k)] + [k for k in dims if not env.param_source.get(k)]
+        keys = [k for k in dims if env.param_source.get(k)] + [
+            k for k in dims if not env.param_source.get(k)
+        ]
         class_gid = np.full(table.size, -1, dtype=np.int64)
         class_idx = np.full(table.size, -1, dtype=np.int64)
         root_gid: dict[int, int] = {}

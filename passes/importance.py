@@ -42,11 +42,18 @@ def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> to
 class ImportancePass(Pass):
     """Write ``ctx.results["scores"]``: {group id: float64 tensor of channel scores}."""
 
-    def __init__(self, importance: str | Callable = "l2", reduction: str = "mean",
-                 normalize: str | None = "mean", grads: dict[str, torch.Tensor] | None = None,
-                 seed: int = 0) -> None:
+    def __init__(
+        self,
+        importance: str | Callable = "l2",
+        reduction: str = "mean",
+        normalize: str | None = "mean",
+        grads: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+    ) -> None:
         if isinstance(importance, str) and importance not in CRITERIA:
-            raise PruneError(f"importance must be one of {CRITERIA} or a callable, got {importance!r}.")
+            raise PruneError(
+                f"importance must be one of {CRITERIA} or a callable, got {importance!r}."
+            )
         if reduction not in ("mean", "sum", "max"):
             raise PruneError(f"importance reduction must be mean, sum or max, got {reduction!r}.")
         self.importance = importance
@@ -59,8 +66,10 @@ class ImportancePass(Pass):
         params = dict(gm.named_parameters(remove_duplicate=False))
         params.update(dict(gm.named_buffers(remove_duplicate=False)))
         if self.importance == "taylor" and not self.grads:
-            raise PruneError("importance='taylor' needs gradients: pass calibration batches and a "
-                             "loss function (prune(..., calibration=batches, loss_fn=fn)).")
+            raise PruneError(
+                "importance='taylor' needs gradients: pass calibration batches and a "
+                "loss function (prune(..., calibration=batches, loss_fn=fn))."
+            )
         gen = torch.Generator().manual_seed(self.seed)
         scores = {}
         for g in ctx.results["groups"]:
@@ -75,8 +84,10 @@ class ImportancePass(Pass):
         if callable(self.importance):
             s = torch.as_tensor(self.importance(g, params), dtype=torch.float64)
             if s.shape != (g.size,):
-                raise PruneError(f"custom importance returned shape {tuple(s.shape)} for group {g.id}, "
-                                 f"expected ({g.size},).")
+                raise PruneError(
+                    f"custom importance returned shape {tuple(s.shape)} for group {g.id}, "
+                    f"expected ({g.size},)."
+                )
             return s
         if self.importance == "random":
             return torch.rand(g.size, generator=gen, dtype=torch.float64)
@@ -137,7 +148,9 @@ class ImportancePass(Pass):
         raise PruneError(f"unknown importance normalisation {self.normalize!r}.")
 
 
-def taylor_grads(module: torch.nn.Module, batches: Any, loss_fn: Callable) -> dict[str, torch.Tensor]:
+def taylor_grads(
+    module: torch.nn.Module, batches: Any, loss_fn: Callable
+) -> dict[str, torch.Tensor]:
     """Accumulated gradients of ``loss_fn(module(batch), batch)`` over calibration batches."""
     grads: dict[str, torch.Tensor] = {}
     named = dict(module.named_parameters())

@@ -53,9 +53,12 @@ class PropagateChannelsPass(Pass):
             rule = RULES.get(op.kind, default_rule)
             try:
                 result = rule(op, env)
-            except Exception as exc:  # noqa: BLE001 - a broken rule must not crash analysis
-                env.warn_once(f"error:{op.name}", f"channel rule for '{op.name}' failed at "
-                              f"{meta.describe(node)} ({type(exc).__name__}: {exc}); frozen.")
+            except Exception as exc:
+                env.warn_once(
+                    f"error:{op.name}",
+                    f"channel rule for '{op.name}' failed at "
+                    f"{meta.describe(node)} ({type(exc).__name__}: {exc}); frozen.",
+                )
                 logger.debug("rule failure", exc_info=True)
                 result = default_rule(op, env)
             env.layouts[node] = result

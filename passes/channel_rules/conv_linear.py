@@ -48,8 +48,10 @@ def conv(op: CanonicalOp, env: ChannelEnv):
         # Depthwise (with channel multiplier): each output row belongs to its input channel.
         mult = c_out // groups
         env.table.union(out.reshape(groups, mult), xa.reshape(groups, 1))
-        env.table.freeze(np.where(xa < 0, out.reshape(groups, mult)[:, 0], -1),
-                         f"depthwise conv reads untracked channels ({env.where})")
+        env.table.freeze(
+            np.where(xa < 0, out.reshape(groups, mult)[:, 0], -1),
+            f"depthwise conv reads untracked channels ({env.where})",
+        )
     else:
         # Grouped: every group must keep the same in-group positions (columns).
         grid_in = xa.reshape(groups, c_in_g)
@@ -69,7 +71,13 @@ def conv_transpose(op: CanonicalOp, env: ChannelEnv):
     x = op.inputs[0]
     lay, shape = env.layout(x), env.shape(x)
     out_shape = env.shape(op.node)
-    if w is None or lay is None or shape is None or out_shape is None or int(op.attrs.get("groups") or 1) != 1:
+    if (
+        w is None
+        or lay is None
+        or shape is None
+        or out_shape is None
+        or int(op.attrs.get("groups") or 1) != 1
+    ):
         return default_rule(op, env)
     cdim = len(shape) - (w.dim() - 1)
     xa = env.dim_atoms(lay, shape, cdim)

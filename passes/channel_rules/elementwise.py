@@ -20,8 +20,7 @@ from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, nested_n
 logger = logging.getLogger(__name__)
 
 # Ops that read a get_attr'd parameter as a weight (the op's rule binds its dims).
-_WEIGHT_READERS = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR, OpKind.NORM,
-                   OpKind.EMBEDDING)
+_WEIGHT_READERS = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR, OpKind.NORM, OpKind.EMBEDDING)
 
 
 @register(OpKind.PLACEHOLDER)
@@ -46,7 +45,9 @@ def param(op: CanonicalOp, env: ChannelEnv):
     if shape is None or not shape or dtype is None or not dtype.is_floating_point:
         return env.untracked(op.node)  # integer buffers (position ids, masks) carry no channels
     users = [canonicalize(u, env.gm) for u in op.node.users]
-    if users and all(u.kind in _WEIGHT_READERS and op.node.target in u.params.values() for u in users):
+    if users and all(
+        u.kind in _WEIGHT_READERS and op.node.target in u.params.values() for u in users
+    ):
         return env.untracked(op.node)
     if shape[-1] == 1:
         return env.untracked(op.node)
@@ -180,9 +181,11 @@ def reduce(op: CanonicalOp, env: ChannelEnv):
     if lay is None or shape is None:
         return default_rule(op, env)
     dims = op.attrs.get("dim")
-    if dims is None or isinstance(dims, (list, tuple)) and len(dims) == 0:
+    if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(len(shape)))
-    dims = [normalize_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])]
+    dims = [
+        normalize_dim(d, len(shape)) for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+    ]
     if not all(isinstance(d, int) for d in dims):
         return default_rule(op, env)
     keepdim = bool(op.attrs.get("keepdim"))
@@ -194,7 +197,6 @@ def reduce(op: CanonicalOp, env: ChannelEnv):
     if not keepdim:
         atoms = np.squeeze(atoms, axis=tuple(dims)) if atoms.ndim else atoms
     out = Layout(atoms.reshape(atoms.shape) if atoms.ndim else atoms.reshape(()), lay.zero)
-    val = meta.tensor_value(op.node)
     if meta.output_values(op.node) is not None:  # max/min with dim: (values, indices)
         return [out, Layout.untracked(out.ndim)]
     out_shape = env.shape(op.node)

@@ -29,7 +29,9 @@ def norm(op: CanonicalOp, env: ChannelEnv):
     if lay is None or shape is None:
         return default_rule(op, env)
     kind = op.attrs.get("norm")
-    affine = any(op.params.get(r) and not op.params[r].startswith("<tensor") for r in ("weight", "bias"))
+    affine = any(
+        op.params.get(r) and not op.params[r].startswith("<tensor") for r in ("weight", "bias")
+    )
     if kind in ("batch", "instance", "group"):
         cdim = 1 if len(shape) > 1 else 0
         xa = env.dim_atoms(lay, shape, cdim)

@@ -38,8 +38,15 @@ def cat(op: CanonicalOp, env: ChannelEnv):
     parts = [(env.layout(n), env.shape(n)) for n in op.inputs]
     if any(lay is None or s is None or len(s) != len(out_shape) for lay, s in parts):
         return default_rule(op, env)
-    vary = sorted({d for lay, _ in parts for d in range(len(out_shape))
-                   if env.canonical(lay.atoms).shape[d] > 1} | {dim})
+    vary = sorted(
+        {
+            d
+            for lay, _ in parts
+            for d in range(len(out_shape))
+            if env.canonical(lay.atoms).shape[d] > 1
+        }
+        | {dim}
+    )
     arrays = [_full_along(env.canonical(lay.atoms), s, vary) for lay, s in parts]
     atoms = np.concatenate(arrays, axis=dim)
     atoms = env.rectify(atoms, out_shape)
@@ -59,15 +66,17 @@ def split(op: CanonicalOp, env: ChannelEnv):
     if op.attrs.get("unbind"):
         if varies:
             env.freeze(atoms, "unbind along a channel dim")
-        piece = np.take(atoms, [0], axis=dim).squeeze(dim) if not varies else \
-            np.full((1,) * (len(shape) - 1), NO_ATOM, dtype=np.int64)
+        piece = (
+            np.take(atoms, [0], axis=dim).squeeze(dim)
+            if not varies
+            else np.full((1,) * (len(shape) - 1), NO_ATOM, dtype=np.int64)
+        )
         return [Layout(piece, lay.zero) for _ in outs]
     result, start = [], 0
     for t in outs:
         n = int(t.shape[dim])
         if varies:
             piece = compress(np.take(atoms, range(start, start + n), axis=dim))
-            piece = piece if piece.shape[dim] == n or piece.shape[dim] == 1 else piece
         else:
             piece = atoms
         result.append(Layout(piece, lay.zero))
@@ -84,7 +93,10 @@ def _value(v: Any) -> Any:
 
 def _normalize_index(index: Any, ndim: int) -> list[Any] | None:
     idx = list(index) if isinstance(index, tuple) else [index]
-    if any(isinstance(i, list) or isinstance(i, fx.Node) and "fxprune.value" not in i.meta for i in idx):
+    if any(
+        isinstance(i, list) or (isinstance(i, fx.Node) and "fxprune.value" not in i.meta)
+        for i in idx
+    ):
         return None
     consumed = sum(1 for i in idx if i is not None and i is not Ellipsis)
     out: list[Any] = []
@@ -112,12 +124,21 @@ def slicing(op: CanonicalOp, env: ChannelEnv):
         if op.kind == OpKind.SELECT:
             index[dim] = op.attrs["index"]
         else:
-            index[dim] = slice(op.attrs.get("start"), op.attrs.get("end"), op.attrs.get("step") or 1)
+            index[dim] = slice(
+                op.attrs.get("start"), op.attrs.get("end"), op.attrs.get("step") or 1
+            )
     if index is not None:
-        index = [slice(*(_value(v) for v in (i.start, i.stop, i.step))) if isinstance(i, slice) else _value(i)
-                 for i in index]
-    if index is None or any(isinstance(i, fx.Node) or isinstance(i, slice) and any(
-            isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)) for i in index):
+        index = [
+            slice(*(_value(v) for v in (i.start, i.stop, i.step)))
+            if isinstance(i, slice)
+            else _value(i)
+            for i in index
+        ]
+    if index is None or any(
+        isinstance(i, fx.Node)
+        or (isinstance(i, slice) and any(isinstance(v, fx.Node) for v in (i.start, i.stop, i.step)))
+        for i in index
+    ):
         return default_rule(op, env)
     atoms = env.canonical(lay.atoms)
     np_index: list[Any] = []

@@ -1,0 +1,94 @@
+"""The command line: inspect, prune (refusing to overwrite), export, errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fxprune.cli import main
+
+FACTORY = """
+import torch
+from torch import nn
+
+def tiny():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(32, 4))
+    return m.eval(), torch.randn(1, 3, 16, 16)
+"""
+
+
+@pytest.fixture
+def factory(tmp_path) -> str:
+    path = tmp_path / "tiny_model.py"
+    path.write_text(FACTORY)
+    return f"{path}:tiny"
+
+
+def test_version_and_help():
+    out = subprocess.run(
+        [sys.executable, "-m", "fxprune.cli", "--version"], capture_output=True, text=True
+    )
+    assert out.returncode == 0 and out.stdout.startswith("fxprune ")
+    out = subprocess.run(
+        [sys.executable, "-m", "fxprune.cli", "--help"], capture_output=True, text=True
+    )
+    for cmd in ("inspect", "prune", "sparsify", "export", "bench", "demo"):
+        assert cmd in out.stdout
+
+
+def test_inspect_resnet18_prints_every_node(capsys):
+    assert main(["inspect", "torchvision:resnet18"]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if line.startswith("layer1_0_conv1 "))
+    assert "[1, 64, 56, 56]" in row and "conv" in row
+    import torch
+    import torchvision
+
+    import fxprune
+
+    gm = fxprune.trace(torchvision.models.resnet18(), torch.randn(1, 3, 224, 224))
+    names = {line.split()[0] for line in out.splitlines() if line.strip()}
+    assert {n.name for n in gm.graph.nodes} <= names
+
+
+def test_prune_writes_module_and_report_and_refuses_to_overwrite(tmp_path, factory, capsys):
+    out = tmp_path / "out"
+    assert main(["prune", factory, "--ratio", "0.5", "--round-to", "8", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "MACs" in printed and "verified: outputs equal the masked original" in printed
+    assert {p.name for p in out.iterdir()} == {"model.pt", "kept.pt", "report.txt", "report.json"}
+    import torch
+
+    import fxprune
+
+    loaded = fxprune.load(out / "model.pt")
+    assert loaded(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    assert main(["prune", factory, "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["prune", factory, "--out", str(out), "--force", "--align", "pad"]) == 0
+
+
+def test_export_command(tmp_path, factory, capsys):
+    onnx_path = tmp_path / "m.onnx"
+    assert main(["export", factory, "--out", str(onnx_path)]) == 0
+    assert onnx_path.exists() and "max abs error" in capsys.readouterr().out
+
+
+def test_bad_input_errors_are_one_line(capsys):
+    assert main(["inspect", "torchvision:not_a_model"]) == 2
+    assert "torchvision has no model 'not_a_model'" in capsys.readouterr().err
+    assert main(["inspect", "nowhere/model.pt"]) == 2
+    assert "no such model file" in capsys.readouterr().err
+    assert main(["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "/tmp/x"]) == 2
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+    assert main(["inspect", "torchvision:resnet18", "--input-shape", "1,a"]) == 2
+
+
+def test_make_demo_target_exists():
+    text = (Path(__file__).parent.parent / "Makefile").read_text()
+    assert "demo:" in text and "fxprune demo" in text

@@ -1,0 +1,138 @@
+"""Tracing frontends: fx, export, the auto fallback, and clear errors."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxprune
+from fxprune import meta
+
+
+class DataDependent(nn.Module):
+    """Python control flow on a tensor value: fx cannot trace it, torch.export can (torch.cond)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] > 2:  # shape-dependent control flow: fine for export, not for fx
+            y = y.relu()
+        return y + 1
+
+
+class Untraceable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y[: int(y.sum().item() > 0) + 1]  # data-dependent slicing: breaks both frontends
+
+
+def test_fx_frontend_records_shapes():
+    m = torchvision.models.resnet18().eval()
+    gm = fxprune.trace(m, torch.randn(1, 3, 224, 224), frontend="fx")
+    assert gm.meta["fxprune.frontend"] == "fx"
+    node = next(n for n in gm.graph.nodes if n.target == "layer1.0.conv1")
+    assert meta.shape_of(node) == (1, 64, 56, 56)
+    assert all(meta.shape_of(n) is not None for n in gm.graph.nodes if n.op == "call_module")
+
+
+def test_export_frontend_records_shapes():
+    m = torchvision.models.resnet18().eval()
+    gm = fxprune.trace(m, torch.randn(1, 3, 64, 64), frontend="export")
+    assert gm.meta["fxprune.frontend"] == "export"
+    convs = [n for n in gm.graph.nodes if n.op == "call_function" and "conv" in n.name]
+    assert convs and meta.shape_of(convs[0]) == (1, 64, 32, 32)
+
+
+def test_auto_falls_back_to_export_and_says_why(caplog):
+    m = DataDependent().eval()
+    with caplog.at_level(logging.INFO, logger="fxprune.trace"):
+        gm = fxprune.trace(m, torch.randn(1, 3, 8, 8))
+    assert gm.meta["fxprune.frontend"] == "export"
+    assert any("falling back to torch.export" in r.getMessage() for r in caplog.records)
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(gm(x), m(x))
+
+
+def test_trace_error_names_the_user_line_and_the_fix():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.trace(Untraceable().eval(), torch.randn(1, 3, 8, 8))
+    text = str(info.value)
+    assert "fx:" in text and "export:" in text
+    assert "test_trace.py" in text  # the user's source line
+    assert "leaf_modules" in text and "concrete_args" in text
+
+
+def test_bad_arguments_get_clear_errors():
+    with pytest.raises(fxprune.TraceError, match="unknown frontend"):
+        fxprune.trace(nn.Linear(2, 2), torch.randn(1, 2), frontend="jit")
+    with pytest.raises(fxprune.TraceError, match=r"torch\.nn\.Module"):
+        fxprune.trace(lambda x: x, torch.randn(1))
+    with pytest.raises(fxprune.TraceError, match="example_inputs"):
+        fxprune.trace(nn.Linear(2, 2), 3)
+
+
+def test_leaf_modules_and_dict_inputs():
+    class Block(nn.Module):
+        def forward(self, x, scale=1.0):
+            return x * scale
+
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.block = Block()
+
+        def forward(self, x, y=None):
+            return self.block(self.lin(x)) + (0 if y is None else y)
+
+    m = M().eval()
+    gm = fxprune.trace(m, {"x": torch.randn(2, 4)}, frontend="fx", leaf_modules=[Block])
+    assert any(n.op == "call_module" and n.target == "block" for n in gm.graph.nodes)
+    x = torch.randn(2, 4)
+    torch.testing.assert_close(gm(x=x), m(x))
+
+
+def test_the_model_is_not_modified():
+    m = torchvision.models.mobilenet_v3_small().eval()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    fxprune.trace(m, torch.randn(1, 3, 64, 64))
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+    assert not m.training
+
+
+@pytest.mark.slow
+def test_minilm_bert_needs_and_gets_the_export_frontend(minilm):
+    model, inputs = minilm
+    with pytest.raises(fxprune.TraceError):
+        fxprune.trace(model, inputs, frontend="fx")
+    gm = fxprune.trace(model, inputs)
+    assert gm.meta["fxprune.frontend"] == "export"
+    with torch.no_grad():
+        want = model(**inputs).last_hidden_state
+        got = gm(**inputs)
+    got = got[0] if isinstance(got, (tuple, list)) else got.last_hidden_state
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
+def test_every_torchvision_classifier_traces_with_fx(name):
+    if name.startswith("vit_h") or name in ("regnet_y_128gf",):
+        pytest.skip("too large for CI memory/time; covered by bench/sweep_torchvision.py")
+    size = 299 if name.startswith("inception") else 224
+    if name.startswith("vit") or name.startswith("swin") or name.startswith("maxvit"):
+        size = 224
+    m = torchvision.models.get_model(name, weights=None).eval()
+    gm = fxprune.trace(m, torch.randn(1, 3, size, size), frontend="fx")
+    assert gm.meta["fxprune.frontend"] == "fx"
