@@ -96,8 +96,10 @@ def family_of(name: str) -> str:
     for model, family in all_models():
         if model == name:
             return family
-    raise SystemExit(f"unknown model {name!r}: use a torchvision classification or "
-                     f"segmentation model name, or one of {', '.join(EXTRA_MODELS)}")
+    raise SystemExit(
+        f"unknown model {name!r}: use a torchvision classification or "
+        f"segmentation model name, or one of {', '.join(EXTRA_MODELS)}"
+    )
 
 
 def build_model(name: str, family: str) -> tuple[Any, Any, str]:
@@ -208,6 +210,12 @@ def measure_one(name: str, runs: int, threads: int) -> dict[str, Any]:
             prunable=len(analysis.prunable_groups),
             frozen_reasons=sorted({str(g.reason)[:160] for g in analysis.groups if not g.prunable}),
         )
+    if tp_tool.result is not None:
+        # Outside the timing: what the DepGraph offers to prune (its default root types).
+        try:
+            tp_tool.record["groups"] = len(list(tp_tool.result.get_all_groups()))
+        except Exception as exc:
+            tp_tool.record["groups_error"] = _error(exc)["error"]
     fx_tool.result = tp_tool.result = analysis = None  # free the graphs before timing
 
     live = [t for t in tools if t.record["ok"]]
@@ -406,6 +414,7 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
                 _ms(fx.get("median_s")),
                 _ms(fx.get("first_s")),
                 _ms(tpr.get("median_s")) if tpr.get("ok") else "fail" if tpr else "",
+                str(tpr.get("groups", "")),
                 f"{ratio:.1f}x" if ratio else "",
                 "; ".join(n for n in notes if n)[:160],
             ]
@@ -424,6 +433,7 @@ HEADER = [
     "fxprune ms",
     "fxprune 1st ms",
     "TP ms",
+    "TP groups",
     "TP/fxprune",
     "notes",
 ]
@@ -476,7 +486,7 @@ def print_report(data: dict[str, Any], markdown: bool) -> None:
         title=f"trace + analysis: fxprune vs Torch-Pruning DepGraph ({env['threads']} thread(s))"
     )
     for column in HEADER:
-        table.add_column(column, justify="left" if column in HEADER[:5] + ["notes"] else "right")
+        table.add_column(column, justify="left" if column in [*HEADER[:5], "notes"] else "right")
     for row in rows(data):
         table.add_row(*row)
     console = Console(width=220)

@@ -83,17 +83,27 @@ class AtomTable:
         keep = (ra >= 0) & (rb >= 0) & (ra != rb)
         if not keep.any():
             return
-        pairs = np.unique(np.stack([ra[keep], rb[keep]], axis=1), axis=0)
-        for x, y in pairs:
-            rx, ry = self._find1(int(x)), self._find1(int(y))
-            if rx == ry:
-                continue
-            if ry < rx:
-                rx, ry = ry, rx
-            self._parent[ry] = rx
-            for reasons in (self.frozen, self.inexact):
-                if ry in reasons:
-                    reasons.setdefault(rx, reasons.pop(ry))
+        ra, rb = ra[keep], rb[keep]
+        # Connected components of the pair graph by min-label propagation (vectorised: a
+        # reshape or a frozen block can relate thousands of atoms at once).
+        roots, inv = np.unique(np.concatenate([ra, rb]), return_inverse=True)
+        ia, ib = inv[: len(ra)], inv[len(ra) :]
+        label = roots.copy()
+        while True:
+            low = np.minimum(label[ia], label[ib])
+            nxt = label.copy()
+            np.minimum.at(nxt, ia, low)
+            np.minimum.at(nxt, ib, low)
+            nxt = nxt[np.searchsorted(roots, nxt)]  # follow labels to their own label
+            if np.array_equal(nxt, label):
+                break
+            label = nxt
+        changed = roots != label
+        self._parent[roots[changed]] = label[changed]
+        moved = dict(zip(roots[changed].tolist(), label[changed].tolist()))
+        for reasons in (self.frozen, self.inexact):
+            for r in [r for r in reasons if r in moved]:
+                reasons.setdefault(moved[r], reasons.pop(r))
 
     def union_all(self, atoms: Any) -> None:
         """Put every (non ``-1``) atom of ``atoms`` into one class."""
@@ -103,14 +113,16 @@ class AtomTable:
             self.union(flat[:1], flat[1:])
 
     def freeze(self, atoms: Any, reason: str) -> None:
-        for r in np.unique(self.find(np.asarray(atoms).ravel())):
-            if r >= 0:
-                self.frozen.setdefault(int(r), reason)
+        self._mark(self.frozen, atoms, reason)
 
     def mark_inexact(self, atoms: Any, reason: str) -> None:
-        for r in np.unique(self.find(np.asarray(atoms).ravel())):
-            if r >= 0:
-                self.inexact.setdefault(int(r), reason)
+        self._mark(self.inexact, atoms, reason)
+
+    def _mark(self, reasons: dict[int, str], atoms: Any, reason: str) -> None:
+        roots = np.unique(self.find(np.asarray(atoms).ravel()))
+        for r in roots[roots >= 0].tolist():
+            if r not in reasons:
+                reasons[r] = reason
 
     def frozen_reason(self, cls: int) -> str | None:
         return self.frozen.get(self._find1(cls))

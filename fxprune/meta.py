@@ -103,6 +103,7 @@ def source_line(node: fx.Node) -> str:
             break
     if not where and lines:
         where = _short_frame(lines[-1])
+    node.meta[SOURCE] = where
     return where
 
 

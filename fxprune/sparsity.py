@@ -278,7 +278,7 @@ _KICK_SWAPS = 8  # random swaps applied when restarting from the best order
 # Steps without a new best before a block is left, in multi-block rounds: start
 # with near-greedy descent (cheap, most of the gain on large layers) and search
 # deeper each time a whole round finds nothing.
-_STALL_LEVELS = (4, 16, 64, 256)
+_STALL_LEVELS = (2, 8, 32, 128, 512)
 
 
 def _column_matrix(weight: torch.Tensor) -> np.ndarray:

@@ -9,6 +9,7 @@ carries its shape and dtype in ``node.meta`` (``tensor_meta`` / ``val``).
 from __future__ import annotations
 
 import inspect
+import operator
 import logging
 import traceback
 from collections.abc import Mapping, Sequence
@@ -245,7 +246,49 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
     gm = ep.module()
     # The export frontend already records 'val' (FakeTensor) for every node: shapes are there.
+    inline_grad_mode_regions(gm)
     return gm
+
+
+def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
+    """Inline ``wrap_with_set_grad_enabled`` subgraphs (``torch.no_grad()`` blocks in forward).
+
+    torch.export keeps such blocks as a higher-order op whose body is a submodule; channel
+    rules cannot see inside, so e.g. rotary cos/sin computed under no_grad would freeze every
+    q/k head dim. For inference and pruning the grad mode is irrelevant: inline the body.
+    """
+    try:
+        from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+    except ImportError:  # pragma: no cover - older torch
+        return 0
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not wrap_with_set_grad_enabled:
+            continue
+        sub_node, inputs = node.args[1], node.args[2:]
+        sub = getattr(gm, sub_node.target, None)
+        if not isinstance(sub, fx.GraphModule) or any(n.op == "get_attr" for n in sub.graph.nodes):
+            continue
+        placeholders = [n for n in sub.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != len(inputs):
+            continue
+        with gm.graph.inserting_before(node):
+            out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, inputs)))
+        outs = out if isinstance(out, (tuple, list)) else (out,)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(outs[user.args[1]])
+                gm.graph.erase_node(user)
+        if not node.users:
+            gm.graph.erase_node(node)
+            if not sub_node.users:
+                gm.graph.erase_node(sub_node)
+                delattr(gm, sub_node.target)
+            count += 1
+    if count:
+        gm.graph.lint()
+        gm.recompile()
+    return count
 
 
 def _one_line(exc: BaseException) -> str:

@@ -75,11 +75,17 @@ class BuildGroupsPass(Pass):
                 index_map = np.where(gids == gid, class_idx[np.where(valid, classes, 0)], -1)
                 groups[int(gid)].members.append(Member(key[0], key[1], torch.from_numpy(index_map)))
         param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
+        shapes = {n: t.shape for n, t in gm.named_parameters(remove_duplicate=False)}
         for g in groups:
             if g.prunable and not any(m.param in param_names for m in g.members):
                 g.prunable, g.reason = False, "holds buffers only, no parameters to remove"
+            # Positions per channel in the weight matrices (the GEMM dims alignment is for).
+            per = [m.size // g.size for m in g.members
+                   if len(shapes.get(m.param, ())) >= 2 and g.size and m.size >= g.size]
             src = g.member(*g.source) if g.source else None
-            if src is not None and g.size:
+            if per:
+                g.units = max(1, min(per))
+            elif src is not None and g.size:
                 g.units = max(1, src.size // g.size)
         self._annotate_nodes(gm, env, class_gid, groups)
         ctx.results["groups"] = groups
@@ -90,12 +96,13 @@ class BuildGroupsPass(Pass):
         table = env.table
         g.classes = classes
         g.size = len(classes)
-        g.reason = next((r for c in classes if (r := table.frozen.get(int(c)))), None)
+        as_list = classes.tolist()
+        g.reason = next((table.frozen[c] for c in as_list if c in table.frozen), None)
         g.prunable = g.reason is None
-        g.inexact_reason = next((r for c in classes if (r := table.inexact.get(int(c)))), None)
+        g.inexact_reason = next((table.inexact[c] for c in as_list if c in table.inexact), None)
         g.exact = g.inexact_reason is None
-        for c in classes:
-            info = env.rectified.get(int(c))
+        for c in (c for c in as_list if c in env.rectified):
+            info = env.rectified.get(c)
             if info is None:
                 continue
             mode, grid = info
@@ -115,7 +122,8 @@ class BuildGroupsPass(Pass):
                 continue
             classes = np.unique(env.table.find(lay.atoms))
             classes = classes[classes >= 0]
-            gids = sorted({int(g) for g in class_gid[classes] if g >= 0})
+            found = np.unique(class_gid[classes])
+            gids = found[found >= 0].tolist()
             meta.put(node, meta.GROUP, gids or None)
             for gid in gids:
                 groups[gid].nodes.append(node.name)

@@ -214,6 +214,16 @@ def test_small_llama_with_gqa_rmsnorm_rotary_swiglu():
     v = res.module.get_parameter("model.layers.0.self_attn.v_proj.weight")
     o = res.module.get_parameter("model.layers.0.self_attn.o_proj.weight")
     assert v.shape[0] * 2 == o.shape[1]  # 2 kv heads serve 4 query heads, each the same size
+    q = res.module.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    k = res.module.get_parameter("model.layers.0.self_attn.k_proj.weight")
+    # rotary pairs (j, j + head_dim/2) go together, with their frequency
+    assert q.shape[0] == 2 * k.shape[0] < 64
+    assert res.module.get_buffer("model.rotary_emb.inv_freq").shape[0] * 2 * 4 == q.shape[0]
+    heads = fxprune.prune(model, inputs, ratio=0.5, round_to="heads", ignore=["model.norm"])
+    assert_oracle(model, heads, inputs)
+    q = heads.module.get_parameter("model.layers.0.self_attn.q_proj.weight")
+    k = heads.module.get_parameter("model.layers.0.self_attn.k_proj.weight")
+    assert (q.shape[0], k.shape[0]) == (32, 16)  # one of two kv groups: 2 query heads, 1 kv head
 
 
 def test_importance_criteria_and_callable():

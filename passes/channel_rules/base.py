@@ -141,6 +141,11 @@ class ChannelEnv:
             return None
         return obj if hasattr(obj, "shape") else None
 
+    def is_buffer(self, fqn: str) -> bool:
+        if not hasattr(self, "_buffers"):
+            self._buffers = {n for n, _ in self.gm.named_buffers(remove_duplicate=False)}
+        return self.canonical_param(fqn) in self._buffers or fqn in self._buffers
+
     def note_grouped(self, atoms: np.ndarray, groups: int) -> None:
         for cls in np.unique(self.table.find(atoms)):
             if cls >= 0:

@@ -51,6 +51,10 @@ def param(op: CanonicalOp, env: ChannelEnv):
         return env.untracked(op.node)
     if shape[-1] == 1:
         return env.untracked(op.node)
+    if env.head_mode == "heads" and env.is_buffer(op.node.target):
+        # A per-dim buffer shared by all heads (rotary frequencies): whole heads never remove
+        # its dims, and tracking it would tie every head together.
+        return env.untracked(op.node)
     atoms = env.param_dim(op.node.target, len(shape) - 1, shape[-1])
     return Layout.along(atoms, len(shape) - 1, len(shape))
 
