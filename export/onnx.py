@@ -215,7 +215,8 @@ def _state_bytes(module: nn.Module, fp16: bool) -> int:
 def _eval_mode(module: nn.Module):
     """Eval mode for export; the user's training flags (per submodule) are restored after."""
     flags = {m: m.training for m in module.modules()}
-    module.eval()
+    for m in flags:  # per module: torch.export graph modules refuse .eval() on themselves
+        m.training = False
     try:
         yield module
     finally:
@@ -344,7 +345,9 @@ def to_onnx(
             raise ExportError(f"{type(module).__name__} returns no tensors; nothing to export")
         if fp16:
             # A copy: the caller keeps a float32 module, and .half() would change it in place.
-            export_module = copy.deepcopy(module).half().eval()
+            export_module = copy.deepcopy(module).half()
+            for m in export_module.modules():
+                m.training = False
             args, kwargs = _to_half(args), _to_half(kwargs)
             named_inputs = [(n, _to_half(t)) for n, t in named_inputs]
         else:

@@ -20,7 +20,16 @@ from fxprune.errors import (
     TraceError,
     VerificationError,
 )
-from fxprune.pass_infra import Pass, PassContext, PassManager, PassResult
+from fxprune.nm import SparsifyResult, sparsify
+from fxprune.pass_infra import (
+    DumpGraphs,
+    Pass,
+    PassContext,
+    PassManager,
+    PassResult,
+    PrintAfterEach,
+    TimePasses,
+)
 from fxprune.prune import Pruner, PruneResult, load, prune, save
 from fxprune.report import PruneReport, count_macs, count_params
 from fxprune.trace import trace
@@ -29,6 +38,10 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "ChannelAnalysis",
+    "DumpGraphs",
+    "PrintAfterEach",
+    "SparsifyResult",
+    "TimePasses",
     "ExportError",
     "FxpruneError",
     "Member",
@@ -51,5 +64,6 @@ __all__ = [
     "load",
     "prune",
     "save",
+    "sparsify",
     "trace",
 ]

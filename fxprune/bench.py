@@ -382,8 +382,8 @@ def _benchmark_state(models: Mapping[str, nn.Module], num_threads: int) -> Itera
     flags = {m: m.training for model in models.values() for m in model.modules()}
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
-    for model in models.values():
-        model.eval()
+    for m in flags:  # per module: torch.export graph modules refuse .eval() on themselves
+        m.training = False
     try:
         yield
     finally:

@@ -243,11 +243,35 @@ def _placeholder_args(gm: fx.GraphModule, inputs: ExampleInputs, concrete: dict)
 
 
 def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
-    ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
+    try:
+        ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False,
+                                 dynamic_shapes=_auto_dynamic(model, inputs))
+    except Exception:  # noqa: BLE001 - some models only export with static shapes
+        ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
     gm = ep.module()
-    # The export frontend already records 'val' (FakeTensor) for every node: shapes are there.
     inline_grad_mode_regions(gm)
+    # Record concrete shapes of the example (export's own metadata may be symbolic).
+    propagate_shapes(gm, flat_inputs(gm, inputs))
     return gm
+
+
+def _auto_dynamic(model: nn.Module, inputs: ExampleInputs) -> Any:
+    """Let batch (and token sequence) dims stay dynamic where the model allows it."""
+    auto = torch.export.Dim.AUTO
+
+    def spec(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor) or t.dim() == 0:
+            return None
+        dims = {0: auto}
+        if not t.is_floating_point() and t.dim() >= 2:
+            dims[1] = auto  # token ids: (batch, sequence)
+        return dims
+
+    sig = inspect.signature(model.forward).parameters
+    names = [n for n, p in sig.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    out = {names[i]: spec(a) for i, a in enumerate(inputs.args) if i < len(names)}
+    out.update({k: spec(v) for k, v in inputs.kwargs.items()})
+    return out
 
 
 def inline_grad_mode_regions(gm: fx.GraphModule) -> int:

@@ -1,0 +1,127 @@
+"""Graph-level 2:4 sparsity: legal channel permutations and masks on whole models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+from fxprune.cli import main
+from fxprune.sparsity import check_nm
+from micro_models import randomize
+
+
+class ResidualNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.bn0 = nn.BatchNorm2d(32)
+        self.c1 = nn.Conv2d(32, 64, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.c2 = nn.Conv2d(64, 32, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.bn0(self.stem(x)))
+        x = F.relu(x + self.bn2(self.c2(F.relu(self.bn1(self.c1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+class ConcatNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 32, 3, padding=1)
+        self.a = nn.Conv2d(32, 32, 3, padding=1)
+        self.b = nn.Conv2d(32, 32, 1)
+        self.c = nn.Conv2d(64, 32, 3, padding=1)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], dim=1)
+        return self.fc(F.relu(self.c(y)).mean((2, 3)))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.h, self.d = heads, dim // heads
+        self.inp = nn.Linear(16, dim)
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, 128), nn.Linear(128, dim)
+        self.head = nn.Linear(dim, 8)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, t, c = x.shape
+        q = self.q(x).view(b, t, self.h, self.d).transpose(1, 2)
+        k = self.k(x).view(b, t, self.h, self.d).transpose(1, 2)
+        v = self.v(x).view(b, t, self.h, self.d).transpose(1, 2)
+        att = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(self.d), -1)
+        x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, c))
+        x = x + self.fc2(F.gelu(self.fc1(x)))
+        return self.head(x)
+
+
+CASES = {
+    "residual": (lambda: randomize(ResidualNet()), (2, 3, 8, 8)),
+    "concat": (lambda: ConcatNet().eval(), (2, 3, 8, 8)),
+    "attention": (lambda: AttentionNet().eval(), (2, 6, 16)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_permuted_model_computes_the_original_function(name):
+    build, shape = CASES[name]
+    model, x = build(), torch.randn(*shape)
+    res = fxprune.sparsify(model, x, permute=True, mask=False, time_budget=0.3, min_size=0)
+    assert res.permutations, res.report.skipped_groups
+    assert any(not torch.equal(p, torch.arange(len(p))) for p in res.permutations.values())
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+        y = torch.randn(*shape)  # and on inputs it has not seen
+        torch.testing.assert_close(res.module(y), model(y), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_every_eligible_weight_is_2_4_and_others_have_reasons(name):
+    build, shape = CASES[name]
+    model, x = build(), torch.randn(*shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fxprune.sparsify(model, x, pattern="2:4", time_budget=0.2, min_size=0)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    report = check_nm(res.module, "2:4", names=list(res.masks), min_size=0)
+    assert res.masks and not report.failed, str(report)
+    eligible = {x.param for x in res.report.layers if x.eligible}
+    assert eligible == set(res.masks)
+    for layer in res.report.layers:
+        if not layer.eligible:
+            assert layer.reason and layer.reason != "eligible"
+    # permuting first never keeps less magnitude than masking the original order
+    plain = fxprune.sparsify(model, x, permute=False, min_size=0)
+    assert res.report.overall(True) >= plain.report.overall(True) - 1e-9
+
+
+def test_4_8_pattern_and_the_stem_is_skipped_with_a_reason():
+    model, x = randomize(ResidualNet()), torch.randn(2, 3, 8, 8)
+    res = fxprune.sparsify(model, x, pattern="4:8", time_budget=0.2, min_size=0)
+    stem = next(x for x in res.report.layers if x.param == "stem.weight")
+    assert not stem.eligible and "multiple of M=8" in stem.reason
+    assert not check_nm(res.module, "4:8", names=list(res.masks), min_size=0).failed
+    assert "4:8" in str(res.report)
+
+
+def test_cli_sparsify(tmp_path, capsys):
+    factory = tmp_path / "net.py"
+    factory.write_text(
+        "import torch\nfrom test_nm_graph import ResidualNet\n"
+        "def build():\n    return ResidualNet().eval(), torch.randn(1, 3, 8, 8)\n")
+    out = tmp_path / "sparse"
+    assert main(["sparsify", f"{factory}:build", "--out", str(out), "--time-budget", "0.1"]) == 0
+    assert (out / "model.pt").exists() and "2:4" in capsys.readouterr().out
+    assert main(["sparsify", f"{factory}:build", "--out", str(out)]) == 2  # refuses to overwrite
