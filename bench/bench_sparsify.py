@@ -23,9 +23,44 @@ import fxprune
 
 logger = logging.getLogger(__name__)
 
-WORDS = ("the a man woman cat dog eats rides plays sings quickly slowly red blue house car music "
-         "movie is was awesome terrible food horse violin guitar park street city runs jumps model "
-         "pruning fast small large").split()
+WORDS = [
+    "the",
+    "a",
+    "man",
+    "woman",
+    "cat",
+    "dog",
+    "eats",
+    "rides",
+    "plays",
+    "sings",
+    "quickly",
+    "slowly",
+    "red",
+    "blue",
+    "house",
+    "car",
+    "music",
+    "movie",
+    "is",
+    "was",
+    "awesome",
+    "terrible",
+    "food",
+    "horse",
+    "violin",
+    "guitar",
+    "park",
+    "street",
+    "city",
+    "runs",
+    "jumps",
+    "model",
+    "pruning",
+    "fast",
+    "small",
+    "large",
+]
 
 
 def sentences(n: int, seed: int = 0) -> list[str]:
@@ -90,10 +125,14 @@ def main() -> None:
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     rows = [run_resnet50(args.budget), run_minilm(args.budget)]
-    print(f"{'model':<30}{'layers':>8}{'kept plain':>12}{'kept perm':>11}{'cos plain':>11}{'cos perm':>10}")
+    print(
+        f"{'model':<30}{'layers':>8}{'kept plain':>12}{'kept perm':>11}{'cos plain':>11}{'cos perm':>10}"
+    )
     for r in rows:
-        print(f"{r['model']:<30}{r['layers']:>8}{r['kept_plain']:>12.4f}{r['kept_perm']:>11.4f}"
-              f"{r.get('cosine_plain', float('nan')):>11.4f}{r.get('cosine_perm', float('nan')):>10.4f}")
+        print(
+            f"{r['model']:<30}{r['layers']:>8}{r['kept_plain']:>12.4f}{r['kept_perm']:>11.4f}"
+            f"{r.get('cosine_plain', float('nan')):>11.4f}{r.get('cosine_perm', float('nan')):>10.4f}"
+        )
     with open(args.out, "w") as f:
         json.dump({"budget_s": args.budget, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")

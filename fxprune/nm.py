@@ -46,16 +46,25 @@ class SparsifyReport:
         for x in self.layers:
             shape = "x".join(map(str, x.shape))
             if x.eligible:
-                lines.append(f"{x.param:<44}{shape:<22}{x.sparsity:>9.1%}{x.retained:>10.1%}"
-                             f"{x.retained_unpermuted:>9.1%}")
+                lines.append(
+                    f"{x.param:<44}{shape:<22}{x.sparsity:>9.1%}{x.retained:>10.1%}"
+                    f"{x.retained_unpermuted:>9.1%}"
+                )
             else:
-                lines.append(f"{x.param:<44}{shape:<22}{'-':>9}{'-':>10}{'-':>9}  skipped: {x.reason}")
+                lines.append(
+                    f"{x.param:<44}{shape:<22}{'-':>9}{'-':>10}{'-':>9}  skipped: {x.reason}"
+                )
         n = len(self.eligible)
-        lines.append(f"{n}/{len(self.layers)} layers {self.pattern}; magnitude kept "
-                     f"{self.overall(True):.2%} with permutation, {self.overall(False):.2%} without; "
-                     f"{self.permuted_groups} channel groups permuted"
-                     + (f" (permuted model matches the original to {self.permutation_error:.1e})"
-                        if self.permutation_error is not None else ""))
+        lines.append(
+            f"{n}/{len(self.layers)} layers {self.pattern}; magnitude kept "
+            f"{self.overall(True):.2%} with permutation, {self.overall(False):.2%} without; "
+            f"{self.permuted_groups} channel groups permuted"
+            + (
+                f" (permuted model matches the original to {self.permutation_error:.1e})"
+                if self.permutation_error is not None
+                else ""
+            )
+        )
         return "\n".join(lines)
 
 
@@ -78,10 +87,20 @@ class SparsifyResult:
         return str(self.report)
 
 
-def sparsify(model: nn.Module, example_inputs: Any, pattern: str = "2:4", permute: bool = True,
-             time_budget: float = 1.0, ignore: Iterable[Any] | None = None, inplace: bool = False,
-             frontend: str = "auto", min_size: int | None = None, progress: bool | None = None,
-             verify: bool = True, mask: bool = True) -> SparsifyResult:
+def sparsify(
+    model: nn.Module,
+    example_inputs: Any,
+    pattern: str = "2:4",
+    permute: bool = True,
+    time_budget: float = 1.0,
+    ignore: Iterable[Any] | None = None,
+    inplace: bool = False,
+    frontend: str = "auto",
+    min_size: int | None = None,
+    progress: bool | None = None,
+    verify: bool = True,
+    mask: bool = True,
+) -> SparsifyResult:
     """N:M-sparsify every eligible conv/linear weight, permuting channels first.
 
     The model passed in is untouched unless ``inplace=True``. ``time_budget`` is the
@@ -96,12 +115,13 @@ def sparsify(model: nn.Module, example_inputs: Any, pattern: str = "2:4", permut
     prefixes = ignored_prefixes(model, ignore)
     work = model if inplace else copy.deepcopy(model)
     gm = trace(work, example_inputs, frontend=frontend)
-    groups, env, ctx = run_analysis(gm, prefixes, "auto", PassContext(example_inputs=example_inputs))
+    _, _, ctx = run_analysis(gm, prefixes, "auto", PassContext(example_inputs=example_inputs))
     layers = nm_layers(gm, pattern, prefixes, min_size)
     ctx.results["nm_layers"] = layers
     ctx.results["nm_consumers"] = {x.param for x in layers if x.eligible}
-    ctx.results["nm_original_weights"] = {x.param: gm.get_parameter(x.param).detach().clone()
-                                          for x in layers if x.eligible}
+    ctx.results["nm_original_weights"] = {
+        x.param: gm.get_parameter(x.param).detach().clone() for x in layers if x.eligible
+    }
     report = SparsifyReport(pattern)
     if permute:
         reference = _outputs(gm, example_inputs) if verify else None
@@ -115,9 +135,13 @@ def sparsify(model: nn.Module, example_inputs: Any, pattern: str = "2:4", permut
         if verify:
             err, scale = max_error(reference, _outputs(gm, example_inputs))
             if err > TOLERANCE * max(scale, 1.0):
-                raise VerificationError(f"the channel-permuted model differs from the original by {err:.3e}")
+                raise VerificationError(
+                    f"the channel-permuted model differs from the original by {err:.3e}"
+                )
             report.permutation_error = err
     if mask:
         PassManager([NMSparsityPass(pattern, prefixes, min_size)]).run(gm, ctx)
     report.layers = ctx.results["nm_layers"]
-    return SparsifyResult(gm, ctx.results.get("nm_masks", {}), report, ctx.results.get("permutations", {}))
+    return SparsifyResult(
+        gm, ctx.results.get("nm_masks", {}), report, ctx.results.get("permutations", {})
+    )

@@ -447,7 +447,9 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
         )
     if isinstance(mod, nn.Embedding):
         return CanonicalOp(node, OpKind.EMBEDDING, "embedding", ins, params("weight"), {}, mod)
-    if isinstance(mod, nn.MultiheadAttention):
+    from fxprune.modules import PrunedMultiheadAttention
+
+    if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
         roles = (
             "in_proj_weight",
             "in_proj_bias",
@@ -470,6 +472,8 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {
                 "num_heads": mod.num_heads,
                 "embed_dim": mod.embed_dim,
+                "head_dim": getattr(mod, "head_dim", mod.embed_dim // mod.num_heads),
+                "v_head_dim": getattr(mod, "v_head_dim", mod.embed_dim // mod.num_heads),
                 "batch_first": mod.batch_first,
             },
             mod,
@@ -643,10 +647,13 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
         "native_batch_norm",
         "cudnn_batch_norm",
     ):
-        p = _fn_params(node, 1, 2, roles=("weight", "bias"))
-        p.update(_fn_params(node, 3, 4, roles=("running_mean", "running_var")))
         return CanonicalOp(
-            node, OpKind.NORM, "batch_norm", [args[0]], p, {"norm": "batch", "channel_dim": 1}
+            node,
+            OpKind.NORM,
+            "batch_norm",
+            [args[0]],
+            _norm_params(node),
+            {"norm": "batch", "channel_dim": 1},
         )
     if name in ("instance_norm",):
         return CanonicalOp(
@@ -654,7 +661,7 @@ def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
             OpKind.NORM,
             "instance_norm",
             [args[0]],
-            _fn_params(node, 1, 2),
+            _norm_params(node),
             {"norm": "instance", "channel_dim": 1},
         )
     if name in ("layer_norm", "native_layer_norm"):
@@ -852,6 +859,19 @@ def _split_op(node: fx.Node, name: str, ins: list[fx.Node], a: Callable) -> Cano
     return CanonicalOp(
         node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(2, "dim", 0), "size": size}
     )
+
+
+def _norm_params(node: fx.Node) -> dict[str, str]:
+    """Parameters of batch/instance norm calls, whose argument order depends on the API."""
+    if node.target in (F.batch_norm, F.instance_norm):
+        # F.batch_norm(input, running_mean, running_var, weight, bias, ...)
+        p = _fn_params(node, 1, 2, roles=("running_mean", "running_var"))
+        p.update(_fn_params(node, 3, 4))
+        return p
+    # aten / torch.batch_norm(input, weight, bias, running_mean, running_var, ...)
+    p = _fn_params(node, 1, 2)
+    p.update(_fn_params(node, 3, 4, roles=("running_mean", "running_var")))
+    return p
 
 
 def _fn_params(

@@ -104,10 +104,14 @@ def _node_macs(gm: fx.GraphModule, op, shape: ShapeFn) -> int:
         return lead * q[-2] * k[-2] * (q[-1] + v[-1])
     if op.kind == OpKind.MHA and op.module is not None:
         x = shape(op.inputs[0])
-        e = op.module.embed_dim
-        tokens = math.prod(x[:-1]) if x else 0
-        seq = x[1] if x and op.module.batch_first else (x[0] if x else 0)
-        return tokens * e * 4 * e + tokens * seq * e * 2
+        if not x:
+            return 0
+        w = op.module.in_proj_weight.shape  # (2 * h * d + h * dv, E), already sliced
+        out = op.module.out_proj.weight.shape  # (E_out, h * dv)
+        tokens = math.prod(x[:-1])
+        seq = x[1] if op.module.batch_first and len(x) == 3 else x[0]
+        h, d, dv = op.attrs["num_heads"], op.attrs["head_dim"], op.attrs["v_head_dim"]
+        return tokens * w[0] * w[1] + tokens * seq * h * (d + dv) + tokens * out[0] * out[1]
     return 0
 
 

@@ -9,8 +9,8 @@ carries its shape and dtype in ``node.meta`` (``tensor_meta`` / ``val``).
 from __future__ import annotations
 
 import inspect
-import operator
 import logging
+import operator
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -244,9 +244,14 @@ def _placeholder_args(gm: fx.GraphModule, inputs: ExampleInputs, concrete: dict)
 
 def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
     try:
-        ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False,
-                                 dynamic_shapes=_auto_dynamic(model, inputs))
-    except Exception:  # noqa: BLE001 - some models only export with static shapes
+        ep = torch.export.export(
+            model,
+            inputs.args,
+            inputs.kwargs or None,
+            strict=False,
+            dynamic_shapes=_auto_dynamic(model, inputs),
+        )
+    except Exception:
         ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
     gm = ep.module()
     inline_grad_mode_regions(gm)

@@ -36,7 +36,8 @@ class BuildGroupsPass(Pass):
         merged.new(table.size)
         for key, classes in dims.items():
             if env.param_source.get(key):
-                merged.union_all(classes)
+                for start, end in env.source_segments.get(key, [(0, len(classes))]):
+                    merged.union_all(classes[start:end])
         # Order channels by first appearance in a source dim (then any other dim).
         keys = [k for k in dims if env.param_source.get(k)] + [
             k for k in dims if not env.param_source.get(k)
@@ -80,8 +81,11 @@ class BuildGroupsPass(Pass):
             if g.prunable and not any(m.param in param_names for m in g.members):
                 g.prunable, g.reason = False, "holds buffers only, no parameters to remove"
             # Positions per channel in the weight matrices (the GEMM dims alignment is for).
-            per = [m.size // g.size for m in g.members
-                   if len(shapes.get(m.param, ())) >= 2 and g.size and m.size >= g.size]
+            per = [
+                m.size // g.size
+                for m in g.members
+                if len(shapes.get(m.param, ())) >= 2 and g.size and m.size >= g.size
+            ]
             src = g.member(*g.source) if g.source else None
             if per:
                 g.units = max(1, min(per))

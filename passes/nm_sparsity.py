@@ -33,8 +33,9 @@ class NMLayer:
     retained_unpermuted: float = 1.0  # the same mask on the original column order
 
 
-def nm_layers(gm: fx.GraphModule, pattern: str, ignore: tuple[str, ...] = (),
-              min_size: int | None = None) -> list[NMLayer]:
+def nm_layers(
+    gm: fx.GraphModule, pattern: str, ignore: tuple[str, ...] = (), min_size: int | None = None
+) -> list[NMLayer]:
     """Every conv/linear weight of the graph with its eligibility for the pattern."""
     from fxprune.sparsity import nm_eligibility
 
@@ -60,7 +61,9 @@ def nm_layers(gm: fx.GraphModule, pattern: str, ignore: tuple[str, ...] = (),
 
 
 class NMSparsityPass(Pass):
-    def __init__(self, pattern: str = "2:4", ignore: tuple[str, ...] = (), min_size: int | None = None) -> None:
+    def __init__(
+        self, pattern: str = "2:4", ignore: tuple[str, ...] = (), min_size: int | None = None
+    ) -> None:
         self.pattern = pattern
         self.ignore = ignore
         self.min_size = min_size
@@ -68,7 +71,9 @@ class NMSparsityPass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         from fxprune.sparsity import nm_mask, retained_magnitude
 
-        layers = ctx.results.get("nm_layers") or nm_layers(gm, self.pattern, self.ignore, self.min_size)
+        layers = ctx.results.get("nm_layers") or nm_layers(
+            gm, self.pattern, self.ignore, self.min_size
+        )
         original = ctx.results.get("nm_original_weights", {})
         masks = {}
         for layer in layers:
@@ -78,8 +83,9 @@ class NMSparsityPass(Pass):
             mask = nm_mask(w, self.pattern)
             layer.retained = retained_magnitude(w, self.pattern)
             before = original.get(layer.param)
-            layer.retained_unpermuted = retained_magnitude(before, self.pattern) if before is not None \
-                else layer.retained
+            layer.retained_unpermuted = (
+                retained_magnitude(before, self.pattern) if before is not None else layer.retained
+            )
             with torch.no_grad():
                 w.mul_(mask.to(w.dtype))
             layer.sparsity = float(1.0 - mask.float().mean())

@@ -62,8 +62,10 @@ def member_runs(index_map: torch.Tensor, size: int) -> Runs | None:
         for r in range(len(pos) // per_run):
             chunk = pos[r * per_run : (r + 1) * per_run]
             want = torch.arange(size).repeat_interleave(block)
-            if not (torch.equal(chunk, torch.arange(chunk[0], chunk[0] + per_run))
-                    and torch.equal(vals[r * per_run : (r + 1) * per_run], want)):
+            if not (
+                torch.equal(chunk, torch.arange(chunk[0], chunk[0] + per_run))
+                and torch.equal(vals[r * per_run : (r + 1) * per_run], want)
+            ):
                 ok = False
                 break
             starts.append(int(chunk[0]))
@@ -80,15 +82,18 @@ def consumer_columns(param: torch.Tensor, runs: Runs) -> torch.Tensor | None:
     cols = []
     for s in runs.starts:
         part = w[:, s : s + runs.size]  # (out, C, *kernel) -> (out * prod(kernel), C)
-        cols.append(part.reshape(part.shape[0], runs.size, -1).permute(0, 2, 1).reshape(-1, runs.size))
+        cols.append(
+            part.reshape(part.shape[0], runs.size, -1).permute(0, 2, 1).reshape(-1, runs.size)
+        )
     return torch.cat(cols, 0)
 
 
 class ChannelPermutationPass(Pass):
     """Writes ``ctx.results["permutations"]``: {group id: LongTensor}; reasons in ``..._skipped``."""
 
-    def __init__(self, pattern: str = "2:4", time_budget: float = 1.0, seed: int = 0,
-                 progress: bool = False) -> None:
+    def __init__(
+        self, pattern: str = "2:4", time_budget: float = 1.0, seed: int = 0, progress: bool = False
+    ) -> None:
         self.pattern = pattern
         self.time_budget = time_budget
         self.seed = seed
@@ -117,14 +122,18 @@ class ChannelPermutationPass(Pass):
                 continue
             # Consumers that hold each channel once per run: their N:M groups of M consecutive
             # input channels are what the permutation changes (blocks of a flatten move whole).
-            mats = [consumer_columns(tensors[p], r) for (p, d), r in runs.items()
-                    if d == 1 and p in consumers and r.block == 1]
+            mats = [
+                consumer_columns(tensors[p], r)
+                for (p, d), r in runs.items()
+                if d == 1 and p in consumers and r.block == 1
+            ]
             mats = [x for x in mats if x is not None]
             if not mats:
                 skipped[g.id] = "no N:M-eligible layer reads these channels"
                 continue
-            perm = search_permutation(torch.cat(mats, 0), self.pattern, time_budget=self.time_budget,
-                                      seed=self.seed)
+            perm = search_permutation(
+                torch.cat(mats, 0), self.pattern, time_budget=self.time_budget, seed=self.seed
+            )
             if torch.equal(perm, torch.arange(g.size)):
                 skipped[g.id] = "the identity was best"
                 continue

@@ -128,6 +128,7 @@ class SurgeryPass(Pass):
         for fqn, dims in kept.items():
             _set_tensor(gm, fqn, slice_tensor(state[fqn], dims), cache)
         self._update_modules(gm, plan, planned)
+        self._replace_attention(gm, plan)
         gm.recompile()
         gm.graph.lint()
         if ctx.example_inputs is not None:
@@ -341,6 +342,39 @@ class SurgeryPass(Pass):
                 node.args = tuple(args)
             else:
                 node.kwargs = {**node.kwargs, "groups": new[cdim]}
+
+    # -- module replacement -------------------------------------------------------------------
+    @staticmethod
+    def _replace_attention(gm: fx.GraphModule, plan: ChannelPlan) -> None:
+        """Swap pruned ``nn.MultiheadAttention`` modules for ``PrunedMultiheadAttention``."""
+        from fxprune.modules import PrunedMultiheadAttention
+
+        env = plan.env
+        for node in gm.graph.nodes:
+            if node.op != "call_module":
+                continue
+            mod = gm.get_submodule(node.target)
+            atoms = env.param_atoms.get((env.canonical_param(f"{node.target}.in_proj_weight"), 0))
+            if (
+                not isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention))
+                or atoms is None
+            ):
+                continue
+            h = mod.num_heads
+            d = getattr(mod, "head_dim", mod.embed_dim // h)
+            dv = getattr(mod, "v_head_dim", d)
+            keep = torch.from_numpy(plan.positions(atoms) != DROP)
+            q, v = keep[: h * d].view(h, d), keep[2 * h * d :].view(h, dv)
+            heads = q.any(1) | v.any(1)
+            new_d, new_dv = int(q[heads].sum(1).max()), int(v[heads].sum(1).max())
+            scale = getattr(mod, "scale", d**-0.5)  # the original scale, whatever head_dim becomes
+            parent_name, _, attr = node.target.rpartition(".")
+            parent = gm.get_submodule(parent_name) if parent_name else gm
+            setattr(
+                parent,
+                attr,
+                PrunedMultiheadAttention.from_module(mod, int(heads.sum()), new_d, new_dv, scale),
+            )
 
     # -- module attributes --------------------------------------------------------------------
     @staticmethod

@@ -187,12 +187,23 @@ def test_sdpa_on_fused_qkv_ties_q_k_v_positions():
     assert members(g)["o.weight:1"] == tile(r(8), 4)
 
 
-def test_multihead_attention_module_is_frozen_with_a_reason():
+def test_multihead_attention_module_heads_and_widths():
     a = analyze("mha")
-    g = a.group_of("attn.in_proj_weight", 0)
-    assert not g.prunable and "MultiheadAttention" in g.reason
-    assert not by_source(a)["inp.weight:0"].prunable
-    assert by_source(a)["fc1.weight:0"].prunable
+    qk = a.group_of("attn.in_proj_weight", 0)
+    # packed rows: q (32) | k (32) | v (32); q.k^T ties q and k, head_dim 8 of 4 heads
+    assert qk.prunable and qk.size == 8 and qk.heads == (4, 8)
+    assert members(qk)["attn.in_proj_weight:0"] == tile(r(8), 8) + [-1] * 32
+    v = (
+        by_source(a)["attn.in_proj_weight:0"]
+        if False
+        else next(g for g in a.groups if members(g).get("attn.out_proj.weight:1"))
+    )
+    assert members(v)["attn.out_proj.weight:1"] == tile(r(8), 4)
+    assert members(v)["attn.in_proj_weight:0"] == [-1] * 64 + tile(r(8), 4)
+    inp = by_source(a)["inp.weight:0"]
+    assert members(inp)["attn.in_proj_weight:1"] == r(32)  # the input width is prunable too
+    out = by_source(a)["attn.out_proj.weight:0"]
+    assert members(out)["fc1.weight:1"] == r(32)
 
 
 def test_gqa_repeat_kv_ties_query_heads_to_their_kv_head():

@@ -9,14 +9,16 @@ import onnxruntime as ort
 import pytest
 import torch
 import torchvision
+from micro_models import randomize
 
 import fxprune
 from fxprune.export import build_engine, to_onnx
-from micro_models import randomize
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_GPU = torch.cuda.is_available()
-needs_builder = pytest.mark.skipif(not HAS_RTX, reason="needs tensorrt_rtx (pip install 'fxprune[trt-rtx]')")
+needs_builder = pytest.mark.skipif(
+    not HAS_RTX, reason="needs tensorrt_rtx (pip install 'fxprune[trt-rtx]')"
+)
 
 
 def run_ort(path, feeds: dict) -> list[np.ndarray]:
@@ -33,7 +35,7 @@ def pruned_cnn():
 
 
 def test_pruned_cnn_onnx_dynamic_batch(pruned_cnn, tmp_path):
-    model, x, res = pruned_cnn
+    _, x, res = pruned_cnn
     out = to_onnx(res.module, x, tmp_path / "r18.onnx")
     assert out.max_abs_err < 1e-3
     xb = torch.randn(3, 3, 64, 64)
@@ -99,7 +101,9 @@ def test_engine_from_2_4_sparse_model(tmp_path):
     assert eng.sparse_weights and (tmp_path / "s.engine").exists()
 
 
-@pytest.mark.skipif(not HAS_GPU, reason="needs an NVIDIA GPU: sparse kernels are chosen and timed only on one")
+@pytest.mark.skipif(
+    not HAS_GPU, reason="needs an NVIDIA GPU: sparse kernels are chosen and timed only on one"
+)
 def test_sparse_engine_picks_sparse_kernels_on_gpu(tmp_path):
     model = randomize(torchvision.models.resnet50())
     x = torch.randn(8, 3, 224, 224)

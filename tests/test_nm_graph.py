@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from micro_models import randomize
 from torch import nn
 
 import fxprune
 from fxprune.cli import main
 from fxprune.sparsity import check_nm
-from micro_models import randomize
 
 
 class ResidualNet(nn.Module):
@@ -120,7 +120,8 @@ def test_cli_sparsify(tmp_path, capsys):
     factory = tmp_path / "net.py"
     factory.write_text(
         "import torch\nfrom test_nm_graph import ResidualNet\n"
-        "def build():\n    return ResidualNet().eval(), torch.randn(1, 3, 8, 8)\n")
+        "def build():\n    return ResidualNet().eval(), torch.randn(1, 3, 8, 8)\n"
+    )
     out = tmp_path / "sparse"
     assert main(["sparsify", f"{factory}:build", "--out", str(out), "--time-budget", "0.1"]) == 0
     assert (out / "model.pt").exists() and "2:4" in capsys.readouterr().out

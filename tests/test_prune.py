@@ -162,17 +162,40 @@ def test_resnet50_half_ratio_gives_over_3_5x_fewer_macs():
     assert_oracle(model, res, x)
 
 
+@pytest.mark.parametrize("mode, heads, dim", [("heads", 2, 8), ("head_dim", 4, 4)])
+def test_multihead_attention_is_replaced_and_exact(mode, heads, dim):
+    from fxprune.modules import PrunedMultiheadAttention
+
+    model, x = MODELS["mha"]
+    res = fxprune.prune(model, x, ratio=0.5, head_mode=mode, ignore=[model.inp])
+    attn = res.module.attn
+    assert isinstance(attn, PrunedMultiheadAttention)
+    assert (attn.num_heads, attn.head_dim, attn.v_head_dim) == (heads, dim, dim)
+    assert attn.in_proj_weight.shape == (3 * heads * dim, 32)
+    assert_oracle(model, res, x)
+    pruner = fxprune.Pruner(model, x, ratio=0.5, steps=2, head_mode=mode)  # re-analysis of the swap
+    pruner.step()
+    pruner.step()
+    assert pruner.module.attn.num_heads * pruner.module.attn.head_dim == 16
+
+
 @pytest.mark.slow
-def test_vit_prunes_mlps_with_multihead_attention_kept():
+def test_vit_heads_mlps_and_width():
     model = torchvision.models.vit_b_16().eval()
     with torch.no_grad():
         model.heads.head.weight.normal_()  # torchvision zero-inits the head
     x = torch.randn(1, 3, 224, 224)
-    res = fxprune.prune(model, x, ratio=0.5, round_to=8)
+    res = fxprune.prune(
+        model, x, ratio=0.5, round_to=8, head_mode="heads", ignore=[model.encoder.ln]
+    )
     assert res.module.get_submodule("encoder.layers.encoder_layer_0.mlp.0").out_features == 1536
     attn = res.module.get_submodule("encoder.layers.encoder_layer_0.self_attention")
-    assert attn.num_heads == 12 and attn.embed_dim == 768
+    assert (attn.num_heads, attn.head_dim) == (6, 64)
     assert_oracle(model, res, x)
+    wide = fxprune.prune(
+        model, x, ratio=0.5, round_to=8
+    )  # the residual width too (LayerNorm: inexact)
+    assert wide.report.macs_ratio > 3.0 and "inexact" in wide.report.verified
 
 
 @pytest.mark.slow

@@ -15,9 +15,10 @@ import logging
 
 import numpy as np
 
+from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout
 from fxprune.ops import CanonicalOp, OpKind
-from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register
+from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register, untracked_like
 
 logger = logging.getLogger(__name__)
 
@@ -159,14 +160,7 @@ def sdpa(op: CanonicalOp, env: ChannelEnv):
     )
 
 
-@register(OpKind.MHA)
-def multihead_attention(op: CanonicalOp, env: ChannelEnv):
-    # nn.MultiheadAttention requires embed_dim == num_heads * head_dim == its input size, and
-    # computes heads internally; fxprune keeps its sizes rather than patch the module.
-    reason = (
-        "nn.MultiheadAttention ties embed_dim to num_heads*head_dim and to its input; "
-        "fxprune keeps its sizes"
-    )
+def _mha_frozen(op: CanonicalOp, env: ChannelEnv, reason: str):
     for n in op.inputs:
         env.freeze_layout(env.layout(n), reason)
     for fqn in op.params.values():
@@ -174,8 +168,60 @@ def multihead_attention(op: CanonicalOp, env: ChannelEnv):
         if t is None:
             continue
         for d in range(t.dim()):
-            atoms = env.param_dim(fqn, d, t.shape[d])
-            env.freeze(atoms, reason)
-    from fxprune.passes.channel_rules.base import untracked_like
-
+            env.freeze(env.param_dim(fqn, d, t.shape[d]), reason)
     return untracked_like(op.node)
+
+
+def _call_arg(node, index: int, name: str):
+    return node.args[index] if index < len(node.args) else node.kwargs.get(name)
+
+
+@register(OpKind.MHA)
+def multihead_attention(op: CanonicalOp, env: ChannelEnv):
+    """``nn.MultiheadAttention``: packed q/k/v projections, heads, output projection.
+
+    Surgery replaces a pruned module with ``fxprune.modules.PrunedMultiheadAttention``,
+    which lets input width, heads x head_dim and output width differ.
+    """
+    mod = op.module
+    if (
+        mod is None
+        or not getattr(mod, "_qkv_same_embed_dim", True)
+        or getattr(mod, "bias_k", None) is not None
+        or getattr(mod, "add_zero_attn", False)
+        or op.node.op != "call_module"
+    ):
+        return _mha_frozen(
+            op, env, "nn.MultiheadAttention with kdim/vdim, bias_kv or zero attention"
+        )
+    h, d, dv = op.attrs["num_heads"], op.attrs["head_dim"], op.attrs["v_head_dim"]
+    e = mod.in_proj_weight.shape[1]
+    prefix = op.node.target
+    w = f"{prefix}.in_proj_weight"
+    nodes = [_call_arg(op.node, i, n) for i, n in enumerate(("query", "key", "value"))]
+    for n in nodes:
+        lay, shape = env.layout(n), env.shape(n)
+        if lay is None or shape is None:
+            return _mha_frozen(op, env, "nn.MultiheadAttention input without a known shape")
+        env.param_dim(w, 1, e, bind=env.dim_atoms(lay, shape, len(shape) - 1))
+    qk = h * d
+    rows = env.param_dim(w, 0, 2 * qk + h * dv)
+    env.source_segments[(env.canonical_param(w), 0)] = [(0, 2 * qk), (2 * qk, len(rows))]
+    if mod.in_proj_bias is not None:
+        env.param_dim(f"{prefix}.in_proj_bias", 0, len(rows), bind=rows)
+    q, k = rows[:qk].reshape(h, d), rows[qk : 2 * qk].reshape(h, d)
+    v = rows[2 * qk :].reshape(h, dv)
+    env.table.union(q, k)  # q . k^T pairs the same head and dim
+    qk_grid = env.rectify(q, (h, d))
+    v_grid = env.rectify(v, (h, dv))
+    if qk_grid.shape == (h, 1) and v_grid.shape == (h, 1):  # whole heads: q, k and v go together
+        env.table.union(q[:, :1], v[:, :1])
+    env.param_dim(f"{prefix}.out_proj.weight", 1, h * dv, bind=v.reshape(-1))
+    out = env.param_dim(f"{prefix}.out_proj.weight", 0, mod.out_proj.weight.shape[0])
+    if mod.out_proj.bias is not None:
+        env.param_dim(f"{prefix}.out_proj.bias", 0, len(out), bind=out)
+    result = untracked_like(op.node)
+    out_shape = meta.shape_of(nodes[0])
+    if isinstance(result, list) and out_shape is not None:
+        result[0] = Layout.along(out, len(out_shape) - 1, len(out_shape))
+    return result

@@ -54,6 +54,8 @@ class ChannelEnv:
         self.param_atoms: dict[tuple[str, int], np.ndarray] = {}
         self.param_source: dict[tuple[str, int], bool] = {}
         self.param_nodes: dict[tuple[str, int], str] = {}
+        # A source dim that packs several channel spaces (q | k | v rows) lists their ranges.
+        self.source_segments: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self.param_alias = param_alias or {}
         self.node: fx.Node | None = None
         self.rectified: dict[int, tuple[str, tuple[int, ...]]] = {}  # class -> (mode, grid)
