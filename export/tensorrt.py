@@ -19,13 +19,11 @@ the builder reported instead.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +34,7 @@ import torch
 
 from fxprune.errors import ExportError
 from fxprune.export.onnx import META_EXAMPLE_SHAPES
+from fxprune.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -269,15 +268,7 @@ def _parse_onnx(trt: Any, network: Any, trt_logger: Any, onnx_path: Path) -> Non
 
 
 def _write_whole(path: Path, data: bytes | memoryview) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    write_bytes_atomic(path, data)
 
 
 _LAYER_LINE = re.compile(

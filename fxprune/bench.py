@@ -38,6 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxprune.files import write_bytes_atomic
+
 logger = logging.getLogger(__name__)
 
 CPU_BACKENDS = ("torch", "ort")
@@ -241,16 +243,8 @@ def _si(value: int | None) -> str:
     return str(value)
 
 
-def _write_whole(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+def _write_whole(path: Path, data: bytes | memoryview) -> None:
+    write_bytes_atomic(path, data)
 
 
 # -- runners: one callable per (backend, model, batch) ----------------------------------

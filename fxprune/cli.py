@@ -183,7 +183,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     import torch
 
     import fxprune
-    from fxprune.pass_infra import write_text_atomic
+    from fxprune.files import write_text_atomic
 
     model, inputs = _load(args)
     out = Path(args.out)
@@ -207,7 +207,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 
 def cmd_sparsify(args: argparse.Namespace) -> int:
     import fxprune
-    from fxprune.pass_infra import write_text_atomic
+    from fxprune.files import write_text_atomic
 
     if not hasattr(fxprune, "sparsify"):
         raise FxpruneError("sparsify is not available in this build.")
@@ -292,7 +292,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from fxprune.bench import compare_latency
     from fxprune.export import available_runtimes, build_engine, to_onnx
     from fxprune.models import load_model
-    from fxprune.pass_infra import write_text_atomic
+    from fxprune.files import write_text_atomic
 
     out = _fresh_dir(args.out, True)
     model, inputs = load_model(args.model)

@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from fxprune import meta
 from fxprune.errors import PassError, PostconditionError, PreconditionError
+from fxprune.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -164,18 +165,6 @@ class TimePasses(Instrument):
         total = sum(t for _, t in self.times) or 1e-12
         rows = [f"{name:<32} {t * 1e3:9.2f} ms {100 * t / total:5.1f}%" for name, t in self.times]
         return "\n".join([*rows, f"{'total':<32} {total * 1e3:9.2f} ms"])
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write a file whole or not at all (temp file in the same folder, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def instruments_from_env() -> list[Instrument]:

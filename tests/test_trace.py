@@ -127,12 +127,23 @@ def test_minilm_bert_needs_and_gets_the_export_frontend(minilm):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
-def test_every_torchvision_classifier_traces_with_fx(name):
+def test_every_torchvision_classifier_traces_and_analyses_with_fx(name):
     if name.startswith("vit_h") or name in ("regnet_y_128gf",):
-        pytest.skip("too large for CI memory/time; covered by bench/sweep_torchvision.py")
+        pytest.skip("too large for CI memory/time; covered by bench/sweep_analysis.py")
     size = 299 if name.startswith("inception") else 224
-    if name.startswith("vit") or name.startswith("swin") or name.startswith("maxvit"):
-        size = 224
     m = torchvision.models.get_model(name, weights=None).eval()
-    gm = fxprune.trace(m, torch.randn(1, 3, size, size), frontend="fx")
-    assert gm.meta["fxprune.frontend"] == "fx"
+    a = fxprune.analyze(m, torch.randn(1, 3, size, size), frontend="fx")
+    assert a.frontend == "fx" and a.prunable_groups
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"])
+def test_segmentation_models_analyse_and_prune(name):
+    from conftest import assert_oracle
+    from micro_models import randomize
+
+    m = randomize(torchvision.models.get_model(name, weights=None, weights_backbone=None))
+    x = torch.randn(1, 3, 96, 96)
+    res = fxprune.prune(m, x, ratio=0.5, round_to=8)
+    assert res.report.macs_ratio > 3
+    assert_oracle(m, res, x)
