@@ -36,6 +36,18 @@ from fxprune.trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
+_SUBMODULES = ("bench", "debug", "export", "models", "passes", "sparsity")
+
+
+def __getattr__(name: str):
+    # fxprune.export.to_onnx(...) after a bare `import fxprune`, without importing
+    # onnx / TensorRT / matplotlib for users who never lower or benchmark.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"fxprune.{name}")
+    raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
+
 __all__ = [
     "ChannelAnalysis",
     "DumpGraphs",

@@ -92,3 +92,13 @@ def test_bad_input_errors_are_one_line(capsys):
 def test_make_demo_target_exists():
     text = (Path(__file__).parent.parent / "Makefile").read_text()
     assert "demo:" in text and "fxprune demo" in text
+
+
+def test_public_api_names_from_design():
+    import fxprune
+
+    for name in ("trace", "analyze", "prune", "sparsify", "Pruner", "save", "load", "count_macs",
+                 "PassManager", "TraceError", "PruneError"):
+        assert hasattr(fxprune, name), name
+    assert callable(fxprune.export.to_onnx) and callable(fxprune.export.build_engine)
+    assert callable(fxprune.sparsity.search_permutation)
