@@ -48,6 +48,7 @@ def __getattr__(name: str):
         return importlib.import_module(f"fxprune.{name}")
     raise AttributeError(f"module 'fxprune' has no attribute {name!r}")
 
+
 __all__ = [
     "ChannelAnalysis",
     "DumpGraphs",

@@ -361,6 +361,16 @@ def _fetch_attr(gm: nn.Module, target: str) -> Any:
     return obj
 
 
+def _plain(mod: nn.Module, classes: type | tuple[type, ...]) -> bool:
+    """``mod`` is one of ``classes`` and does not override its forward.
+
+    A subclass with its own forward (timm's weight-standardised conv, a channels-first
+    LayerNorm) computes something else: treating it as its base would be a guess.
+    """
+    classes = classes if isinstance(classes, tuple) else (classes,)
+    return any(isinstance(mod, c) and type(mod).forward is c.forward for c in classes)
+
+
 def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     mod = _fetch_attr(gm, node.target)
     ins = _tensor_inputs(node)
@@ -372,7 +382,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     def params(*roles: str) -> dict[str, str]:
         return {r: f"{prefix}.{r}" for r in roles if getattr(mod, r, None) is not None}
 
-    if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if _plain(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         return CanonicalOp(
             node,
             OpKind.CONV,
@@ -382,7 +392,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"groups": mod.groups, "channel_dim": 1},
             mod,
         )
-    if isinstance(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
+    if _plain(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
         return CanonicalOp(
             node,
             OpKind.CONV_TRANSPOSE,
@@ -392,9 +402,9 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"groups": mod.groups, "channel_dim": 1},
             mod,
         )
-    if isinstance(mod, nn.Linear):
+    if _plain(mod, nn.Linear):
         return CanonicalOp(node, OpKind.LINEAR, "linear", ins, params("weight", "bias"), {}, mod)
-    if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+    if _plain(mod, nn.modules.batchnorm._BatchNorm):
         return CanonicalOp(
             node,
             OpKind.NORM,
@@ -404,7 +414,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"norm": "batch", "channel_dim": 1},
             mod,
         )
-    if isinstance(mod, nn.modules.instancenorm._InstanceNorm):
+    if _plain(mod, nn.modules.instancenorm._InstanceNorm):
         return CanonicalOp(
             node,
             OpKind.NORM,
@@ -414,7 +424,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"norm": "instance", "channel_dim": 1},
             mod,
         )
-    if isinstance(mod, nn.LayerNorm):
+    if _plain(mod, nn.LayerNorm):
         return CanonicalOp(
             node,
             OpKind.NORM,
@@ -424,7 +434,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"norm": "layer", "normalized_ndim": len(mod.normalized_shape)},
             mod,
         )
-    if isinstance(mod, nn.GroupNorm):
+    if _plain(mod, nn.GroupNorm):
         return CanonicalOp(
             node,
             OpKind.NORM,
@@ -434,7 +444,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"norm": "group", "num_groups": mod.num_groups, "channel_dim": 1},
             mod,
         )
-    if hasattr(nn, "RMSNorm") and isinstance(mod, nn.RMSNorm):
+    if hasattr(nn, "RMSNorm") and _plain(mod, nn.RMSNorm):
         shape = mod.normalized_shape
         return CanonicalOp(
             node,
@@ -445,11 +455,11 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"norm": "rms", "normalized_ndim": len(shape)},
             mod,
         )
-    if isinstance(mod, nn.Embedding):
+    if _plain(mod, nn.Embedding):
         return CanonicalOp(node, OpKind.EMBEDDING, "embedding", ins, params("weight"), {}, mod)
     from fxprune.modules import PrunedMultiheadAttention
 
-    if isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
+    if _plain(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
         roles = (
             "in_proj_weight",
             "in_proj_bias",
@@ -478,7 +488,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             },
             mod,
         )
-    if isinstance(mod, nn.PReLU):
+    if _plain(mod, nn.PReLU):
         kind = OpKind.ELEMENTWISE
         return CanonicalOp(
             node,
@@ -521,7 +531,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"arity": 1, "zero_preserving": True},
             mod,
         )
-    if isinstance(mod, (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)):
+    if _plain(mod, (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)):
         return CanonicalOp(
             node,
             OpKind.ELEMENTWISE,
@@ -567,14 +577,14 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
         ),
     ):
         return CanonicalOp(node, OpKind.PAD, "pad", ins, {}, {"pad": tuple(mod.padding)}, mod)
-    if isinstance(mod, nn.Flatten):
+    if _plain(mod, nn.Flatten):
         return CanonicalOp(node, OpKind.RESHAPE, "flatten", ins, {}, {}, mod)
-    if isinstance(mod, nn.Unflatten):
+    if _plain(mod, nn.Unflatten):
         return CanonicalOp(node, OpKind.RESHAPE, "unflatten", ins, {}, {}, mod)
-    if isinstance(mod, (nn.Softmax, nn.LogSoftmax)):
+    if _plain(mod, (nn.Softmax, nn.LogSoftmax)):
         return CanonicalOp(node, OpKind.SOFTMAX, "softmax", ins, {}, {"dim": mod.dim}, mod)
-    if isinstance(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
-        up = isinstance(mod, nn.PixelShuffle)
+    if _plain(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
+        up = _plain(mod, nn.PixelShuffle)
         factor = mod.upscale_factor if up else mod.downscale_factor
         return CanonicalOp(
             node,
@@ -585,7 +595,7 @@ def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             {"factor": factor, "up": up},
             mod,
         )
-    if isinstance(mod, nn.ChannelShuffle):
+    if _plain(mod, nn.ChannelShuffle):
         return CanonicalOp(node, OpKind.UNKNOWN, "ChannelShuffle module", ins, {}, {}, mod)
     return CanonicalOp(node, OpKind.UNKNOWN, f"module {type(mod).__name__}", ins, {}, {}, mod)
 

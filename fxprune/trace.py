@@ -145,7 +145,7 @@ class _FakeShapeProp(torch.fx.Interpreter):
 
     def run_node(self, n: fx.Node) -> Any:
         with self.mode:
-            if n.op == "call_module" and isinstance(self.fetch_attr(n.target), _SHAPE_KEEPING):
+            if n.op == "call_module" and _keeps_shape(self.fetch_attr(n.target)):
                 # Fake batch_norm & co. decompose slowly; their output is shaped like the input.
                 x = self.env[n.args[0]] if isinstance(n.args[0], fx.Node) else n.args[0]
                 result = torch.empty_like(x)
@@ -153,6 +153,10 @@ class _FakeShapeProp(torch.fx.Interpreter):
                 result = super().run_node(n)
         _record(n, result)
         return result
+
+
+def _keeps_shape(mod: nn.Module) -> bool:
+    return any(isinstance(mod, c) and type(mod).forward is c.forward for c in _SHAPE_KEEPING)
 
 
 _SHAPE_KEEPING = (
@@ -163,6 +167,11 @@ _SHAPE_KEEPING = (
     nn.GELU,
     nn.Hardswish,
     nn.Hardsigmoid,
+    nn.LayerNorm,
+    nn.GroupNorm,
+    nn.Softmax,
+    nn.ELU,
+    nn.PReLU,
     nn.Sigmoid,
     nn.Tanh,
     nn.Dropout,

@@ -266,3 +266,24 @@ def test_debug_printer_shows_groups():
     text = format_graph(a.gm)
     row = next(line for line in text.splitlines() if line.startswith("conv1 "))
     assert "conv" in row and "[1, 32, 8, 8]" in row and "g" in row
+
+
+def test_leaf_subclass_with_its_own_forward_is_not_taken_for_its_base():
+    class StdConv(torch.nn.Conv2d):  # weight standardisation: not a plain conv
+        def forward(self, x):
+            w = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / 2
+            return torch.nn.functional.conv2d(x, w, self.bias, padding=1)
+
+    class M(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = torch.nn.Conv2d(3, 8, 1)
+            self.std = StdConv(8, 8, 3, padding=1)
+            self.c = torch.nn.Conv2d(8, 2, 1)
+
+        def forward(self, x):
+            return self.c(self.std(self.a(x)))
+
+    a = fxprune.analyze(M().eval(), torch.randn(1, 3, 8, 8), leaf_modules=[StdConv])
+    g = by_source(a)["a.weight:0"]
+    assert not g.prunable and "StdConv" in g.reason

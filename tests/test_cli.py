@@ -97,8 +97,19 @@ def test_make_demo_target_exists():
 def test_public_api_names_from_design():
     import fxprune
 
-    for name in ("trace", "analyze", "prune", "sparsify", "Pruner", "save", "load", "count_macs",
-                 "PassManager", "TraceError", "PruneError"):
+    for name in (
+        "trace",
+        "analyze",
+        "prune",
+        "sparsify",
+        "Pruner",
+        "save",
+        "load",
+        "count_macs",
+        "PassManager",
+        "TraceError",
+        "PruneError",
+    ):
         assert hasattr(fxprune, name), name
     assert callable(fxprune.export.to_onnx) and callable(fxprune.export.build_engine)
     assert callable(fxprune.sparsity.search_permutation)

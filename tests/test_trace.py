@@ -137,7 +137,9 @@ def test_every_torchvision_classifier_traces_and_analyses_with_fx(name):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"])
+@pytest.mark.parametrize(
+    "name", ["fcn_resnet50", "deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large"]
+)
 def test_segmentation_models_analyse_and_prune(name):
     from conftest import assert_oracle
     from micro_models import randomize
