@@ -291,8 +291,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     import fxprune
     from fxprune.bench import compare_latency
     from fxprune.export import available_runtimes, build_engine, to_onnx
-    from fxprune.models import load_model
     from fxprune.files import write_text_atomic
+    from fxprune.models import load_model
 
     out = _fresh_dir(args.out, True)
     model, inputs = load_model(args.model)
