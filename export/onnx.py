@@ -8,14 +8,12 @@ after all of that passed, so a reader never sees a half-written or unverified mo
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import inspect
 import json
 import logging
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +25,9 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
+from fxprune import validate
 from fxprune.errors import ExportError
+from fxprune.files import temp_dir_beside
 
 logger = logging.getLogger(__name__)
 
@@ -211,17 +211,18 @@ def _state_bytes(module: nn.Module, fp16: bool) -> int:
     )
 
 
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Eval mode for export; the user's training flags (per submodule) are restored after."""
-    flags = {m: m.training for m in module.modules()}
-    for m in flags:  # per module: torch.export graph modules refuse .eval() on themselves
+def eval_version(module: nn.Module) -> nn.Module:
+    """``module`` itself when it is in eval mode, else an eval-mode copy.
+
+    Switching the caller's module to eval, even for the duration of the export, would change
+    an object the caller owns (and may be training in another thread).
+    """
+    if not any(m.training for m in module.modules()):
+        return module
+    copied = copy.deepcopy(module)
+    for m in copied.modules():  # per module: torch.export graph modules refuse .eval()
         m.training = False
-    try:
-        yield module
-    finally:
-        for m, training in flags.items():
-            m.training = training
+    return copied
 
 
 def _ort_session(path: Path, fp16: bool):
@@ -326,6 +327,7 @@ def to_onnx(
     """
     import onnx
 
+    _check_arguments(module, example_inputs, path, fp16, dynamic_batch, opset, rtol, atol)
     default_rtol, default_atol = _DEFAULT_TOLERANCE[bool(fp16)]
     rtol = default_rtol if rtol is None else rtol
     atol = default_atol if atol is None else atol
@@ -338,30 +340,30 @@ def to_onnx(
     args, kwargs = split_example_inputs(example_inputs)
     named_inputs = named_tensor_inputs(module, args, kwargs)
 
-    with _eval_mode(module):
-        with torch.no_grad():
-            reference = flatten_outputs(module(*args, **kwargs))
-        if not reference:
-            raise ExportError(f"{type(module).__name__} returns no tensors; nothing to export")
-        if fp16:
-            # A copy: the caller keeps a float32 module, and .half() would change it in place.
-            export_module = copy.deepcopy(module).half()
-            for m in export_module.modules():
-                m.training = False
-            args, kwargs = _to_half(args), _to_half(kwargs)
-            named_inputs = [(n, _to_half(t)) for n, t in named_inputs]
-        else:
-            export_module = module
-        if dynamic_batch:
-            # torch.export specializes a size-1 dimension to the constant 1 (its "0/1
-            # specialization"), silently making the batch static, so trace with batch 2.
-            args, kwargs = _batch_of_two(args), _batch_of_two(kwargs)
-            program = _export(
-                export_module, args, kwargs, _batch_dynamic_shapes(args, kwargs), opset, reference
-            )
-            _check_batch_is_dynamic(program, type(module).__name__)
-        else:
-            program = _export(export_module, args, kwargs, None, opset, reference)
+    module = eval_version(module)
+    with torch.no_grad():
+        reference = flatten_outputs(module(*args, **kwargs))
+    if not reference:
+        raise ExportError(f"{type(module).__name__} returns no tensors; nothing to export")
+    if fp16:
+        # A copy: the caller keeps a float32 module, and .half() would change it in place.
+        export_module = copy.deepcopy(module).half()
+        for m in export_module.modules():
+            m.training = False
+        args, kwargs = _to_half(args), _to_half(kwargs)
+        named_inputs = [(n, _to_half(t)) for n, t in named_inputs]
+    else:
+        export_module = module
+    if dynamic_batch:
+        # torch.export specializes a size-1 dimension to the constant 1 (its "0/1
+        # specialization"), silently making the batch static, so trace with batch 2.
+        args, kwargs = _batch_of_two(args), _batch_of_two(kwargs)
+        program = _export(
+            export_module, args, kwargs, _batch_dynamic_shapes(args, kwargs), opset, reference
+        )
+        _check_batch_is_dynamic(program, type(module).__name__)
+    else:
+        program = _export(export_module, args, kwargs, None, opset, reference)
 
     program.model.metadata_props[META_EXAMPLE_SHAPES] = json.dumps(
         {name: list(t.shape) for name, t in named_inputs}
@@ -371,7 +373,7 @@ def to_onnx(
     # The temp folder sits beside the target so the final os.replace is an atomic rename on
     # the same filesystem, and it uses the final file name so external-data locations
     # written into the model stay valid after the move.
-    with tempfile.TemporaryDirectory(dir=folder, prefix=f".{path.name}.") as tmp:
+    with temp_dir_beside(path) as tmp:  # pid-tagged: a killed run's folder is removed next time
         tmp_path = Path(tmp) / path.name
         program.save(tmp_path, external_data=large)
         try:
@@ -411,6 +413,54 @@ def to_onnx(
     )
     logger.info("exported %s", result)
     return result
+
+
+def supported_opsets() -> tuple[int, int]:
+    """(lowest, highest) opset the installed dynamo exporter writes as asked.
+
+    Below torchlib's own opset the exporter warns and keeps that opset, so the file
+    would silently not be what was asked for.
+    """
+    try:
+        from torch.onnx._constants import ONNX_MAX_OPSET
+        from torch.onnx._internal.exporter._constants import TORCHLIB_OPSET
+    except ImportError:  # private modules: fall back to the torch 2.9 values
+        return 18, 23
+    return int(TORCHLIB_OPSET), int(ONNX_MAX_OPSET)
+
+
+def _check_arguments(
+    module: Any,
+    example_inputs: Any,
+    path: Any,
+    fp16: Any,
+    dynamic_batch: Any,
+    opset: Any,
+    rtol: Any,
+    atol: Any,
+) -> None:
+    """Every argument of `to_onnx`, before the (slow) export starts."""
+    validate.module("module", module, ExportError)
+    validate.example_inputs(example_inputs, ExportError)
+    validate.path_like("path", path, ExportError)
+    validate.boolean("fp16", fp16, ExportError)
+    validate.boolean("dynamic_batch", dynamic_batch, ExportError)
+    if opset is not None:
+        low, high = supported_opsets()
+        if not isinstance(opset, int) or isinstance(opset, bool) or not low <= opset <= high:
+            raise ExportError(
+                f"opset must be an integer in [{low}, {high}] (the opsets the installed "
+                f"torch.onnx dynamo exporter writes), got {validate.show(opset)}. Leave it "
+                f"None for the exporter's default."
+            )
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None:
+            validate.finite_non_negative(
+                name,
+                value,
+                "an output passes when |onnx - torch| <= atol + rtol * scale",
+                ExportError,
+            )
 
 
 def _export(

@@ -19,6 +19,7 @@ the builder reported instead.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import json
 import logging
@@ -380,6 +381,19 @@ def _add_profile(
 ) -> dict[str, list[list[int]]]:
     """One optimization profile covering every dynamic input; returns {input: [min, opt, max]}."""
     profile_shapes: dict[str, list[list[int]]] = {}
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    for name in shapes or {}:
+        if name not in names:
+            # a typo would otherwise silently build with the default profile
+            close = difflib.get_close_matches(str(name), names, n=1)
+            raise ExportError(
+                f"shapes: {name!r} is not an input of the ONNX graph (inputs: {names})."
+                + (f" Did you mean {close[0]!r}?" if close else "")
+            )
+        if len(shapes[name]) != 3:
+            raise ExportError(
+                f"shapes[{name!r}] must be (min_shape, opt_shape, max_shape), got {shapes[name]!r}."
+            )
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
         shape = list(tensor.shape)

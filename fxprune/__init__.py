@@ -3,6 +3,7 @@
 gm = fxprune.trace(model, example_inputs)
 analysis = fxprune.analyze(model, example_inputs)
 res = fxprune.prune(model, example_inputs, ratio=0.5, round_to=8)
+fxprune.verify(model, res, example_inputs)  # the correctness oracle
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fxprune.errors import (
     VerificationError,
 )
 from fxprune.nm import SparsifyResult, sparsify
+from fxprune.oracle import VerificationReport, verify
 from fxprune.pass_infra import (
     DumpGraphs,
     Pass,
@@ -30,8 +32,9 @@ from fxprune.pass_infra import (
     PrintAfterEach,
     TimePasses,
 )
-from fxprune.prune import Pruner, PruneResult, load, prune, save
+from fxprune.prune import Pruner, PruneResult, prune
 from fxprune.report import PruneReport, count_macs, count_params
+from fxprune.saving import load, save
 from fxprune.trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
@@ -70,6 +73,7 @@ __all__ = [
     "TimePasses",
     "TraceError",
     "VerificationError",
+    "VerificationReport",
     "__version__",
     "analyze",
     "count_macs",
@@ -79,4 +83,5 @@ __all__ = [
     "save",
     "sparsify",
     "trace",
+    "verify",
 ]

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
 
+from fxprune import validate
 from fxprune.channels import PruneGroup
 from fxprune.errors import PruneError
 from fxprune.pass_infra import PassContext, PassManager
 from fxprune.trace import trace
+from fxprune.validate import HEAD_MODES, show
 
 logger = logging.getLogger(__name__)
-
-HEAD_MODES = ("auto", "heads", "head_dim")
 
 
 @dataclass
@@ -67,10 +70,23 @@ class ChannelAnalysis:
         return self.table()
 
 
-def ignored_prefixes(model: nn.Module, ignore: Iterable[Any] | None) -> tuple[str, ...]:
-    """Turn modules, module names and parameter names into name prefixes; reject unknown ones."""
-    if not ignore:
+def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") -> tuple[str, ...]:
+    """Turn modules, module names and parameter names into name prefixes; reject unknown ones.
+
+    ``ignore`` is one module or name, or a list of them: ``ignore=model.fc`` and
+    ``ignore="fc"`` mean ``ignore=[model.fc]`` (a module is never iterated, although
+    ``nn.Sequential`` is iterable, and a name is never split into characters).
+    ``argument`` is the name the user passed them as, for the messages.
+    """
+    if ignore is None:
         return ()
+    if isinstance(ignore, (nn.Module, str)):
+        ignore = [ignore]
+    elif not isinstance(ignore, Iterable) or isinstance(ignore, (bytes, Mapping, torch.Tensor)):
+        raise PruneError(
+            f"{argument} must be a module, a module or parameter name, or a list of them "
+            f"(e.g. {argument}=[model.fc] or {argument}=['fc']), got {show(ignore)}."
+        )
     by_id = {id(m): name for name, m in model.named_modules()}
     names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
     modules = {n for n, _ in model.named_modules()}
@@ -79,20 +95,23 @@ def ignored_prefixes(model: nn.Module, ignore: Iterable[Any] | None) -> tuple[st
         if isinstance(item, nn.Module):
             if id(item) not in by_id:
                 raise PruneError(
-                    f"ignore: module {type(item).__name__} is not part of the model. Pass the "
+                    f"{argument}: module {type(item).__name__} is not part of the model. Pass the "
                     f"model's own submodule (e.g. model.fc), or its name as a string."
                 )
             out.append(by_id[id(item)])
         elif isinstance(item, str):
             if item not in names and item not in modules:
                 close = sorted(n for n in modules | names if item.split(".")[-1] in n)[:5]
+                close = close or difflib.get_close_matches(item, sorted(modules | names), n=3)
                 raise PruneError(
-                    f"ignore: '{item}' is neither a module nor a parameter of the model."
+                    f"{argument}: '{item}' is neither a module nor a parameter of the model."
                     + (f" Did you mean one of {close}?" if close else "")
                 )
             out.append(item)
         else:
-            raise PruneError(f"ignore: expected modules or names, got {type(item).__name__}.")
+            raise PruneError(
+                f"{argument}: expected modules or module/parameter names, got {show(item)}."
+            )
     return tuple(out)
 
 
@@ -128,6 +147,18 @@ def analyze(
     ``"heads"`` prunes whole heads, ``"head_dim"`` the same dims in every head,
     ``"auto"`` keeps the finer of the two.
     """
+    # Options of fxprune.trace pass through; anything else is a typo, caught before tracing.
+    trace_options = set(inspect.signature(trace).parameters) - {"model", "example_inputs"}
+    validate.known_options("analyze(...)", trace_kwargs, trace_options)
+    validate.prune_arguments(
+        dict(
+            model=model,
+            example_inputs=example_inputs,
+            frontend=frontend,
+            head_mode=head_mode,
+            **trace_kwargs,
+        )
+    )
     prefixes = ignored_prefixes(model, ignore)
     gm = trace(model, example_inputs, frontend=frontend, **trace_kwargs)
     groups, env, _ = run_analysis(gm, prefixes, head_mode)

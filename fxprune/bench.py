@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import gc
 import io
 import json
@@ -30,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fxprune import validate
+from fxprune.errors import BenchError
+from fxprune.export.onnx import eval_version
 from fxprune.files import write_bytes_atomic
 
 logger = logging.getLogger(__name__)
@@ -371,19 +375,14 @@ def _find_count_macs() -> Callable[..., int] | None:
 
 
 @contextlib.contextmanager
-def _benchmark_state(models: Mapping[str, nn.Module], num_threads: int) -> Iterator[None]:
-    """Eval mode and the thread count for the run; both restored afterwards."""
-    flags = {m: m.training for model in models.values() for m in model.modules()}
+def _benchmark_threads(num_threads: int) -> Iterator[None]:
+    """The thread count for the run, restored afterwards."""
     threads_before = torch.get_num_threads()
     torch.set_num_threads(num_threads)
-    for m in flags:  # per module: torch.export graph modules refuse .eval() on themselves
-        m.training = False
     try:
         yield
     finally:
         torch.set_num_threads(threads_before)
-        for m, training in flags.items():
-            m.training = training
 
 
 def _spread(ratios: Sequence[float]) -> tuple[float, float]:
@@ -441,22 +440,14 @@ def compare_latency(
     progress: a tqdm bar over rounds; default only when stderr is a terminal.
     workdir: keep the exported ONNX files / engines here (default: a temporary folder).
     """
-    if not models:
-        raise ValueError("compare_latency needs at least one model (the first is the baseline)")
-    if rounds < 1 or warmup < 0 or min_time <= 0:
-        raise ValueError(
-            f"need rounds >= 1, warmup >= 0, min_time > 0; got {rounds}, {warmup}, {min_time}"
-        )
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown backends {unknown}; choose from {BACKENDS}")
+    if isinstance(backends, str):
+        backends = [backends]  # one backend name, not its characters
+    if isinstance(batch_sizes, int) and not isinstance(batch_sizes, bool):
+        batch_sizes = [batch_sizes]
+    _check_arguments(models, inputs, backends, batch_sizes, rounds, warmup, min_time, num_threads)
     if batch_sizes is None:
-        if not isinstance(inputs, Mapping):
-            raise ValueError("batch_sizes=None needs inputs given as {batch_size: inputs}")
         batch_sizes = sorted(inputs)
     batch_sizes = list(batch_sizes)
-    if not batch_sizes:
-        raise ValueError("no batch sizes to measure")
 
     def inputs_for(batch_size: int) -> Any:
         if isinstance(inputs, Mapping):
@@ -469,6 +460,8 @@ def compare_latency(
     baseline = names[0]
     num_threads = num_threads or torch.get_num_threads()
     notes: list[str] = []
+    # Timed in eval mode: a model in train mode is timed as an eval copy, never switched itself.
+    models = {name: eval_version(model) for name, model in models.items()}
     infos = _model_infos(models, inputs_for(min(batch_sizes)), min(batch_sizes), macs, notes)
     runnable = _runnable_backends(backends, notes)
 
@@ -480,7 +473,7 @@ def compare_latency(
             if workdir is not None
             else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
-        stack.enter_context(_benchmark_state(models, num_threads))
+        stack.enter_context(_benchmark_threads(num_threads))
         from tqdm.auto import tqdm
 
         bar = stack.enter_context(
@@ -522,6 +515,69 @@ def compare_latency(
         environment=_environment(num_threads),
         notes=notes,
     )
+
+
+def _check_arguments(
+    models: Any,
+    inputs: Any,
+    backends: Any,
+    batch_sizes: Any,
+    rounds: Any,
+    warmup: Any,
+    min_time: Any,
+    num_threads: Any,
+) -> None:
+    """Every argument of `compare_latency`, before any model is exported or timed."""
+    if not isinstance(models, Mapping) or not models:
+        validate.fail(
+            BenchError,
+            "models",
+            "a dict {name: module} with at least one model (the first is the baseline)",
+            models,
+        )
+    for name, model in models.items():
+        validate.module(f"models[{name!r}]", model, BenchError)
+    if not callable(inputs) and not isinstance(inputs, Mapping):
+        validate.fail(
+            BenchError,
+            "inputs",
+            "a function batch_size -> inputs or a dict {batch_size: inputs}",
+            inputs,
+        )
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        close = difflib.get_close_matches(str(unknown[0]), BACKENDS, n=1)
+        raise BenchError(
+            f"unknown backends {unknown}; choose from {BACKENDS}."
+            + (f" Did you mean {close[0]!r}?" if close else "")
+        )
+    if batch_sizes is None:
+        if not isinstance(inputs, Mapping):
+            raise BenchError("batch_sizes=None needs inputs given as {batch_size: inputs}.")
+    else:
+        if not isinstance(batch_sizes, Iterable) or not list(batch_sizes):
+            validate.fail(BenchError, "batch_sizes", "a non-empty list of batch sizes", batch_sizes)
+        for b in batch_sizes:
+            validate.integer_at_least("batch_sizes", b, 1, "each batch size", BenchError)
+        if isinstance(inputs, Mapping):
+            missing = [b for b in batch_sizes if b not in inputs]
+            if missing:
+                raise BenchError(
+                    f"batch_sizes {missing} have no inputs: inputs holds {sorted(inputs)}."
+                )
+    validate.integer_at_least("rounds", rounds, 1, "interleaved timing rounds", BenchError)
+    validate.integer_at_least("warmup", warmup, 0, "calls before timing", BenchError)
+    validate.number_in(
+        "min_time",
+        min_time,
+        0.0,
+        math.inf,
+        "seconds per model per round",
+        low_open=True,
+        error=BenchError,
+    )
+    if num_threads is not None:
+        validate.integer_at_least("num_threads", num_threads, 1, error=BenchError)
 
 
 def _model_infos(

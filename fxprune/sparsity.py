@@ -27,6 +27,7 @@ columns within one row.
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
 import time
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from fxprune import validate
 from fxprune.errors import FxpruneError
 
 logger = logging.getLogger(__name__)
@@ -101,10 +103,27 @@ def parse_pattern(pattern: str | tuple[int, int] | NMPattern) -> NMPattern:
     if isinstance(pattern, str):
         parts = pattern.replace(" ", "").split(":")
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise SparsityError(f"N:M pattern must look like '2:4', got {pattern!r}")
+            raise SparsityError(
+                f"pattern must be 'N:M' with 0 < N < M (keep N of every M weights), e.g. '2:4', "
+                f"got {pattern!r}."
+            )
         return NMPattern(int(parts[0]), int(parts[1]))
+    if (
+        not isinstance(pattern, (tuple, list))
+        or len(pattern) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in pattern)
+    ):
+        raise SparsityError(
+            f"pattern must be 'N:M', a pair of integers (N, M) or an NMPattern, e.g. '2:4', "
+            f"got {validate.show(pattern)}."
+        )
     n, m = pattern
     return NMPattern(int(n), int(m))
+
+
+def _check_tensor(name: str, value: object) -> None:
+    if not isinstance(value, torch.Tensor):
+        validate.fail(SparsityError, name, "a torch.Tensor (a conv or linear weight)", value)
 
 
 # --------------------------------------------------------------------------- layout
@@ -149,6 +168,7 @@ def nm_mask(
     broken by position), so the result has N/M density.
     """
     pat = parse_pattern(pattern)
+    _check_tensor("weight", weight)
     _check_weight(weight, pat)
     rows = _as_rows(weight.detach().abs().float())
     groups = rows.reshape(rows.shape[0], -1, pat.m)
@@ -172,6 +192,11 @@ def nm_eligibility(
     ``(False, reason)``.
     """
     pat = parse_pattern(pattern)
+    validate.integer_at_least("groups", groups, 1, "the convolution's groups", SparsityError)
+    validate.integer_at_least(
+        "min_size", min_size, 0, "fewest weights of a sparsified layer", SparsityError
+    )
+    validate.boolean("align", align, SparsityError)
     if isinstance(weight, torch.Tensor):
         if not (weight.is_floating_point()):
             return False, f"dtype {weight.dtype} is not floating point"
@@ -218,6 +243,7 @@ def retained_magnitude(
 ) -> float:
     """Fraction of ``sum |w|`` that the N:M mask of ``weight[:, perm]`` keeps (1.0 for all-zero weights)."""
     pat = parse_pattern(pattern)
+    _check_tensor("weight", weight)
     w = _permuted(weight.detach(), perm)
     _check_weight(w, pat)
     rows = _as_rows(w.abs().double())
@@ -238,6 +264,7 @@ def per_row_upper_bound(
     position of a Conv.)
     """
     pat = parse_pattern(pattern)
+    _check_tensor("weight", weight)
     _check_weight(weight, pat)
     rows = _as_rows(weight.detach().abs().double())
     total = rows.sum().item()
@@ -518,7 +545,21 @@ def search_permutation(
     so far, never worse than the identity.
     """
     pat = parse_pattern(pattern)
+    _check_tensor("weight", weight)
     _check_weight(weight, pat)
+    validate.number_in(
+        "time_budget",
+        time_budget,
+        0.0,
+        math.inf,
+        "seconds of search",
+        low_open=True,
+        error=SparsityError,
+    )
+    validate.integer_at_least("seed", seed, 0, error=SparsityError)
+    validate.boolean("progress", progress, SparsityError)
+    if max_steps is not None:
+        validate.integer_at_least("max_steps", max_steps, 1, "swap steps", SparsityError)
     start_time = time.perf_counter()
     n, m = pat.n, pat.m
     colmat = _column_matrix(weight)
@@ -630,7 +671,18 @@ def apply_nm_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.M
     the forward computation, so any optimizer keeps the pattern. Applied twice, the
     masks combine (logical and). Returns ``module`` (changed in place).
     """
+    validate.module("module", module, SparsityError)
+    if not isinstance(masks, Mapping):
+        validate.fail(SparsityError, "masks", "a dict {parameter name: boolean mask}", masks)
+    params = dict(module.named_parameters())
     for name, mask in masks.items():
+        if name not in params and not _is_masked(module, name):
+            close = difflib.get_close_matches(str(name), list(params), n=1)
+            raise SparsityError(
+                f"masks: {name!r} is not a parameter of the module."
+                + (f" Did you mean {close[0]!r}?" if close else "")
+            )
+        _check_tensor(f"masks[{name!r}]", mask)
         owner, attr = _owner(module, name)
         if parametrize.is_parametrized(owner, attr):
             for p in owner.parametrizations[attr]:
@@ -648,6 +700,16 @@ def apply_nm_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> nn.M
         order = list(owner._parameters.keys())
         parametrize.register_parametrization(owner, attr, NMMask(mask.to(param.device), order))
     return module
+
+
+def _is_masked(module: nn.Module, name: str) -> bool:
+    """``name`` is a parametrized parameter (``apply_nm_masks`` applied a second time)."""
+    path, _, attr = name.rpartition(".")
+    try:
+        owner = module.get_submodule(path) if path else module
+    except AttributeError:
+        return False
+    return parametrize.is_parametrized(owner, attr)
 
 
 def bake_masks(module: nn.Module) -> nn.Module:
@@ -777,6 +839,12 @@ def check_nm(
     default eligibility checks clean.
     """
     pat = parse_pattern(pattern)
+    if not isinstance(module_or_state_dict, (nn.Module, Mapping)):
+        validate.fail(
+            SparsityError, "module_or_state_dict", "a module or a state dict", module_or_state_dict
+        )
+    if isinstance(names, str):
+        validate.fail(SparsityError, "names", "a list of parameter names", names)
     if isinstance(module_or_state_dict, nn.Module):
         candidates = list(_nm_weights(module_or_state_dict))
     else:
@@ -852,6 +920,9 @@ def check_onnx_nm(
     from onnx import numpy_helper
 
     pat = parse_pattern(pattern)
+    validate.path_like("onnx_path", onnx_path, SparsityError)
+    if not Path(onnx_path).is_file():
+        raise SparsityError(f"onnx_path: no such file {str(onnx_path)!r}.")
     model = onnx.load(str(onnx_path))
     consts: dict[str, np.ndarray] = {
         t.name: numpy_helper.to_array(t) for t in model.graph.initializer

@@ -8,11 +8,14 @@ carries its shape and dtype in ``node.meta`` (``tensor_meta`` / ``val``).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import operator
+import re
+import sysconfig
 import traceback
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,15 +56,105 @@ class ExampleInputs:
         return module(*self.args, **self.kwargs)
 
 
+@contextlib.contextmanager
+def _function_apply_replaced(replacement: Callable[..., Any]) -> Iterator[None]:
+    """Inside, ``SomeFunction.apply(*a)`` calls ``replacement(original_apply, SomeFunction, *a)``.
+
+    The patch is on ``torch.autograd.Function`` itself (what ``apply`` resolves to for every
+    subclass that does not override it) and is undone on exit, nested patches included.
+    """
+    function = torch.autograd.Function
+    previous = function.__dict__["apply"]  # a C classmethod descriptor
+
+    def apply(cls: type, *args: Any, **kwargs: Any) -> Any:
+        return replacement(previous.__get__(None, cls), cls, *args, **kwargs)
+
+    function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        function.apply = previous
+
+
+def is_user_function(fn_cls: type) -> bool:
+    """A custom autograd.Function: defined outside torch, so its backward is the user's own."""
+    return (getattr(fn_cls, "__module__", None) or "").split(".")[0] != "torch"
+
+
+def autograd_function_call(fn_cls: type) -> Callable[..., Any]:
+    """A graph target that calls ``fn_cls.apply``: the Function stays one op, backward included.
+
+    Its ``__qualname__`` (``MyFunction.apply``) is how channel analysis names the op when it
+    freezes the channels the op touches; ``autograd_function`` holds the class.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn_cls.apply(*args, **kwargs)
+
+    call.__module__ = fn_cls.__module__
+    call.__name__ = f"{fn_cls.__name__}_apply"
+    call.__qualname__ = f"{fn_cls.__qualname__}.apply"
+    call.autograd_function = fn_cls  # type: ignore[attr-defined]
+    return call
+
+
+def _proxies(args: Any, kwargs: Any) -> list[fx.Proxy]:
+    found: list[fx.Proxy] = []
+
+    def visit(a: Any) -> Any:
+        if isinstance(a, fx.Proxy):
+            found.append(a)
+        return a
+
+    fx.node.map_aggregate((args, kwargs), visit)
+    return found
+
+
 class _Tracer(fx.Tracer):
-    """``fx.Tracer`` with user leaf modules and stack traces for source lines."""
+    """``fx.Tracer`` with leaf modules, source lines, and custom autograd.Functions kept whole.
+
+    Symbolic tracing runs ``Function.apply`` like any Python code: ``forward`` is inlined on
+    proxies and the custom ``backward`` (a straight-through estimator, say) is silently lost,
+    so a pruned model would train with different gradients. Each call of a user-defined
+    Function on a traced value becomes one ``call_function`` node calling its ``apply``.
+    """
 
     def __init__(self, leaf_modules: Sequence[type | str | nn.Module] = ()) -> None:
         super().__init__()
         self.record_stack_traces = True
+        # Buffers used through an op (``self.mean.view(...)``) stay get_attr nodes under their
+        # own names; otherwise fx computes the op eagerly and stores an anonymous constant.
+        self.proxy_buffer_attributes = True
         self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
         self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
         self._leaf_ids = {id(m) for m in leaf_modules if isinstance(m, nn.Module)}
+        self._function_calls: dict[type, Callable[..., Any]] = {}
+
+    def trace(self, root: Any, concrete_args: dict[str, Any] | None = None) -> fx.Graph:
+        with _function_apply_replaced(self._apply_function):
+            return super().trace(root, concrete_args)
+
+    def _filter_traceback_frames(self, summary: traceback.StackSummary) -> traceback.StackSummary:
+        # A Function's node is created from this file: its source line is the user's call.
+        kept = super()._filter_traceback_frames(summary)
+        return traceback.StackSummary.from_list([f for f in kept if f.filename != __file__])
+
+    def _apply_function(
+        self, apply: Callable[..., Any], fn_cls: type, *args: Any, **kwargs: Any
+    ) -> Any:
+        proxies = _proxies(args, kwargs)
+        if not is_user_function(fn_cls) or not any(p.tracer is self for p in proxies):
+            return apply(*args, **kwargs)  # torch's own Functions are traced through, as before
+        if fn_cls not in self._function_calls:
+            self._function_calls[fn_cls] = autograd_function_call(fn_cls)
+        try:
+            return self.create_proxy("call_function", self._function_calls[fn_cls], args, kwargs)
+        except NotImplementedError as exc:  # an argument a graph cannot hold (a callable, ...)
+            raise TraceError(
+                f"{fn_cls.__qualname__}.apply (a custom torch.autograd.Function) cannot be kept "
+                f"as one op in the graph: {exc}. Tracing through it would lose its backward. "
+                f"Mark the submodule that calls it as a leaf: leaf_modules=[...]."
+            ) from exc
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if id(m) in self._leaf_ids or qualname in self._leaf_names:
@@ -108,7 +201,7 @@ def trace(
             return gm
         except Exception as exc:
             failures.append(("export", exc))
-    raise _trace_error(model, failures) from failures[-1][1]
+    raise _trace_error(model, failures, inputs) from failures[-1][1]
 
 
 def _trace_fx(
@@ -131,9 +224,23 @@ def _trace_fx(
     graph = tracer.trace(model, concrete_args=concrete or None)
     name = type(model).__name__
     gm = fx.GraphModule(tracer.root, graph, name)
+    _constants_not_persistent(gm)
     args = _placeholder_args(gm, inputs, concrete)
     propagate_shapes(gm, args)
     return gm
+
+
+def _constants_not_persistent(gm: fx.GraphModule) -> None:
+    """Tensors fx captured by value (``_tensor_constantN``) stay out of the state_dict.
+
+    They are not parameters or buffers of the user's model, so a checkpoint of the traced
+    module keeps exactly the original's keys; a rebuilt module re-creates them by tracing.
+    """
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or "." in node.target:
+            continue
+        if node.target.startswith("_tensor_constant") and node.target in gm._buffers:
+            gm._non_persistent_buffers_set.add(node.target)
 
 
 class _FakeShapeProp(torch.fx.Interpreter):
@@ -214,15 +321,48 @@ def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     try:
         mode = FakeTensorMode(allow_non_fake_inputs=True)
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        with torch.no_grad():
+        with torch.no_grad(), state_preserved(gm):
             _FakeShapeProp(gm, mode).run(*fake_args)
         return
     except Exception as exc:
         logger.debug("fake shape propagation failed (%s); running for real", _one_line(exc))
     finally:
         fake_log.setLevel(level)
-    with torch.no_grad():
+    with torch.no_grad(), state_preserved(gm):
         _RealShapeProp(gm).run(*args)
+
+
+@contextlib.contextmanager
+def state_preserved(module: nn.Module) -> Iterator[None]:
+    """Buffers and the global RNG are as they were after the block, whatever ran inside it.
+
+    A traced graph shares its modules with the caller's model. Running it updates the
+    BatchNorm statistics of a ``train()`` model and draws dropout masks from the global RNG;
+    even a fake-tensor run performs in-place ops whose operands are all real
+    (``num_batches_tracked += 1`` of a torch.export graph). Buffers are small next to the
+    parameters, which a forward does not write, so saving them is cheap. (Restored by
+    value, always: the batch_norm kernel updates running statistics without bumping their
+    version counter.)
+    """
+    modules = list(module.modules())
+    slots = [(m, dict(m._buffers)) for m in modules]  # a forward may also rebind a buffer
+    buffers = list({id(b): b for _, d in slots for b in d.values() if b is not None}.values())
+    saved = [(b, b.detach().clone()) for b in buffers]
+    cuda = {t.device.index or 0 for t in [*buffers, *module.parameters()] if t.is_cuda}
+    with torch.random.fork_rng(devices=sorted(cuda)):
+        try:
+            yield
+        finally:
+            for m, before in slots:
+                now = m._buffers
+                if now.keys() != before.keys() or any(now[k] is not v for k, v in before.items()):
+                    m._buffers.clear()
+                    m._buffers.update(before)
+            with torch.no_grad():
+                for b, value in saved:
+                    if b.is_inference() and not torch.is_inference_mode_enabled():
+                        continue  # read-only here, so unchanged (and copy_ would raise)
+                    b.copy_(value)
 
 
 class _RealShapeProp(torch.fx.Interpreter):
@@ -252,16 +392,33 @@ def _placeholder_args(gm: fx.GraphModule, inputs: ExampleInputs, concrete: dict)
 
 
 def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
-    try:
-        ep = torch.export.export(
-            model,
-            inputs.args,
-            inputs.kwargs or None,
-            strict=False,
-            dynamic_shapes=_auto_dynamic(model, inputs),
+    functions: dict[type, None] = {}
+
+    def record(apply: Callable[..., Any], fn_cls: type, *args: Any, **kwargs: Any) -> Any:
+        if is_user_function(fn_cls):
+            functions[fn_cls] = None
+        return apply(*args, **kwargs)
+
+    with _function_apply_replaced(record), state_preserved(model):
+        try:
+            ep = torch.export.export(
+                model,
+                inputs.args,
+                inputs.kwargs or None,
+                strict=False,
+                dynamic_shapes=_auto_dynamic(model, inputs),
+            )
+        except Exception:
+            ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
+    if functions:
+        # torch.export inlines a Function's forward and drops its backward: the pruned model
+        # would compute the same outputs but train with different gradients.
+        names = ", ".join(f"{f.__qualname__}.apply" for f in functions)
+        raise TraceError(
+            f"the model calls custom torch.autograd.Function(s) {names}, which torch.export "
+            f"inlines (their backward would be lost, so fine-tuning the pruned model would use "
+            f"wrong gradients). Use frontend='fx', which keeps each one as a single op."
         )
-    except Exception:
-        ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
     gm = ep.module()
     inline_grad_mode_regions(gm)
     # Record concrete shapes of the example (export's own metadata may be symbolic).
@@ -335,30 +492,196 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _user_frame(exc: BaseException) -> str | None:
-    """The innermost frame of the user's code (not torch's, not fxprune's) in a traceback."""
+    """The innermost frame of the model's code in a traceback: the user's own if any, else a
+    model library's (torchvision, timm...), never torch's, fxprune's or the standard library's."""
     frames = traceback.extract_tb(exc.__traceback__)
+    stdlib = sysconfig.get_paths()["stdlib"].replace("\\", "/")
+    library = None
     for fr in reversed(frames):
         f = fr.filename.replace("\\", "/")
-        if "/torch/" in f or "/fxprune/" in f or "/site-packages/" in f or f.startswith("<"):
+        if "/torch/" in f or "/fxprune/" in f or f.startswith(("<", stdlib)):
             continue
-        return f"{f}:{fr.lineno} ({fr.name}): {fr.line or ''}".strip()
-    return None
+        where = f"{f}:{fr.lineno} ({fr.name}): {fr.line or ''}".strip()
+        if "/site-packages/" not in f:
+            return where
+        library = library or where
+    if library is None:
+        # fx's interpreter names the failing node's source line in the message instead
+        match = re.search(r'File "([^"]+)", line (\d+), in (\w+)\n\s*(.*)', str(exc))
+        if match and "/torch/" not in match.group(1):
+            library = f"{match.group(1)}:{match.group(2)} ({match.group(3)}): {match.group(4)}"
+    return library
 
 
-def _trace_error(model: nn.Module, failures: list[tuple[str, BaseException]]) -> TraceError:
+# What went wrong, recognised from the exception (type name and message), most specific
+# first: a wrong input is reported as such, never as data-dependent control flow.
+_CAUSES: tuple[tuple[str, re.Pattern[str]], ...] = (
+    (
+        "arguments",
+        re.compile(
+            r"missing (a|\d+) required|positional argument|unexpected keyword argument"
+            r"|no example input for the model's argument|takes \d+ positional",
+            re.I,
+        ),
+    ),
+    (
+        "control_flow",
+        re.compile(
+            r"control flow|data.dependent|GuardOnDataDependent|cannot be iterated"
+            r"|symbolically traced variables|Proxy.*(bool|len|iter)",
+            re.I,
+        ),
+    ),
+    (
+        "device",
+        re.compile(
+            r"DeviceMismatch|same device|on the expected device|cuda\.\w*Tensor\).*should be"
+            r"|device type",
+            re.I,
+        ),
+    ),
+    (
+        "dtype",
+        re.compile(
+            r"scalar type|dtype|should be the same|found (Double|Half|Float|Long|Int)"
+            r"|expected .*(Long|Int|Float).* but got",
+            re.I,
+        ),
+    ),
+    (
+        "shape",
+        re.compile(
+            r"shape|size|channels|dimension|\d+D input|cannot be multiplied|reduction dim"
+            r"|out of range|mismatch",
+            re.I,
+        ),
+    ),
+    ("unsupported", re.compile(r"NotImplemented|not supported|unsupported|could not run", re.I)),
+)
+
+
+def _cause(failures: list[tuple[str, BaseException]]) -> str:
+    """The most specific cause any frontend reported ("other" when none is recognised)."""
+    found = {
+        kind
+        for _, exc in failures
+        for kind, pattern in _CAUSES
+        if pattern.search(f"{type(exc).__name__}: {exc}")
+    }
+    return next((kind for kind, _ in _CAUSES if kind in found), "other")
+
+
+def _describe_inputs(inputs: ExampleInputs | None) -> str:
+    if inputs is None:
+        return "?"
+
+    def one(v: Any) -> str:
+        if isinstance(v, torch.Tensor):
+            return f"{str(v.dtype).replace('torch.', '')} {tuple(v.shape)} on {v.device}"
+        return type(v).__name__
+
+    parts = [one(a) for a in inputs.args] + [f"{k}={one(v)}" for k, v in inputs.kwargs.items()]
+    return ", ".join(parts) or "nothing"
+
+
+def _forward_signature(model: nn.Module) -> str:
+    try:
+        sig = inspect.signature(model.forward)
+    except (TypeError, ValueError):
+        return "forward(...)"
+    # names and defaults only: annotations are often strings under postponed evaluation
+    params = [p.replace(annotation=p.empty) for p in sig.parameters.values()]
+    return f"forward{sig.replace(parameters=params, return_annotation=sig.empty)}"
+
+
+def _shape_detail(failures: list[tuple[str, BaseException]]) -> str:
+    """What the failing layer expected, when torch's message says it."""
+    text = "\n".join(str(exc) for _, exc in failures)
+    conv = re.search(
+        r"weight of size \[([^\]]*)\], expected input\[([^\]]*)\] to have (\d+) channels, "
+        r"but got (\d+)",
+        text,
+    )
+    if conv:
+        return (
+            f"a convolution (weight [{conv.group(1)}]) expects {conv.group(3)} input channels "
+            f"but its input [{conv.group(2)}] has {conv.group(4)}"
+        )
+    linear = re.search(r"shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)", text)
+    if linear:
+        return (
+            f"a Linear layer expects {linear.group(3)} input features (the last dim) "
+            f"but got {linear.group(2)}"
+        )
+    rank = re.search(r"expected (\d+)D input \(got (\d+)D input\)", text, re.I)
+    if rank:
+        return (
+            f"a layer expects a {rank.group(1)}-D input but got {rank.group(2)}-D "
+            f"(a missing batch dimension? x.unsqueeze(0) adds one)"
+        )
+    return ""
+
+
+def _advice(cause: str, model: nn.Module, failures, inputs: ExampleInputs | None) -> list[str]:
+    given = _describe_inputs(inputs)
+    params = [p for p in model.parameters()]
+    if cause == "shape":
+        detail = _shape_detail(failures)
+        return [
+            "  - the example inputs do not have the shape the model expects"
+            + (f": {detail}" if detail else "")
+            + ".",
+            f"  - inputs given to {_forward_signature(model)}: {given}.",
+            "  - pass inputs shaped like real ones, e.g. torch.randn(1, 3, 224, 224) for an "
+            "image model (batch, channels, height, width).",
+        ]
+    if cause == "dtype":
+        dtype = str(params[0].dtype).replace("torch.", "") if params else "?"
+        return [
+            f"  - an input has a dtype the model cannot take (inputs given: {given}; "
+            f"parameters are {dtype}).",
+            "  - cast it: x.float() (or the parameters' dtype) for images and features, "
+            "ids.long() for token ids.",
+        ]
+    if cause == "device":
+        device = str(params[0].device) if params else "?"
+        return [
+            f"  - the inputs and the model are on different devices (inputs: {given}; "
+            f"parameters on {device}).",
+            "  - move them together: model.to(x.device), or x.to(next(model.parameters()).device).",
+        ]
+    if cause == "arguments":
+        return [
+            f"  - the example inputs do not match {_forward_signature(model)}: given {given}.",
+            "  - pass one input per required argument: a tuple in order, or a dict by name, "
+            "e.g. {'x': x, 'mask': mask}.",
+        ]
+    if cause == "unsupported":
+        return [
+            "  - the model uses an op or module the tracers cannot handle: mark the submodule "
+            "as a leaf, fxprune.trace(..., leaf_modules=[MyBlock]) (its channels are then frozen),",
+            "  - or try the other frontend (frontend='export' or frontend='fx').",
+        ]
+    return [
+        "  - mark the submodule with data-dependent control flow as a leaf: "
+        "fxprune.trace(..., leaf_modules=[MyBlock]) (its channels are then frozen),",
+        "  - fix non-tensor arguments with concrete_args={'flag': False},",
+        "  - or try the other frontend (frontend='export' or frontend='fx').",
+    ]
+
+
+def _trace_error(
+    model: nn.Module,
+    failures: list[tuple[str, BaseException]],
+    inputs: ExampleInputs | None = None,
+) -> TraceError:
     lines = [f"could not trace {type(model).__name__}:"]
     for frontend, exc in failures:
         where = _user_frame(exc)
         lines.append(f"  - {frontend}: {_one_line(exc)}")
         if where:
             lines.append(f"      at {where}")
-    lines += [
-        "How to fix:",
-        "  - mark the submodule with data-dependent control flow as a leaf: "
-        "fxprune.trace(..., leaf_modules=[MyBlock]) (its channels are then frozen),",
-        "  - fix non-tensor arguments with concrete_args={'flag': False},",
-        "  - or try the other frontend (frontend='export' or frontend='fx').",
-    ]
+    lines += ["How to fix:", *_advice(_cause(failures), model, failures, inputs)]
     return TraceError("\n".join(lines))
 
 

@@ -18,13 +18,15 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fxprune import validate
 from fxprune.channels import PruneGroup
 from fxprune.errors import PruneError
 from fxprune.pass_infra import Pass, PassContext, PassResult
+from fxprune.validate import IMPORTANCE_CRITERIA, NORMALIZATIONS, REDUCTIONS
 
 logger = logging.getLogger(__name__)
 
-CRITERIA = ("l1", "l2", "bn_scale", "taylor", "fpgm", "random")
+CRITERIA = IMPORTANCE_CRITERIA
 
 
 def _slice_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
@@ -50,12 +52,10 @@ class ImportancePass(Pass):
         grads: dict[str, torch.Tensor] | None = None,
         seed: int = 0,
     ) -> None:
-        if isinstance(importance, str) and importance not in CRITERIA:
-            raise PruneError(
-                f"importance must be one of {CRITERIA} or a callable, got {importance!r}."
-            )
-        if reduction not in ("mean", "sum", "max"):
-            raise PruneError(f"importance reduction must be mean, sum or max, got {reduction!r}.")
+        validate.importance(importance)
+        validate.one_of("reduction", reduction, REDUCTIONS)
+        if normalize is not None:
+            validate.one_of("normalize", normalize, NORMALIZATIONS)
         self.importance = importance
         self.reduction = reduction
         self.normalize = normalize

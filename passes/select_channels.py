@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fxprune import validate
 from fxprune.channels import PruneGroup
 from fxprune.errors import PruneError
 from fxprune.pass_infra import Pass, PassContext, PassResult
@@ -41,20 +42,18 @@ class SelectionOptions:
     ratios: dict[str, float] = field(default_factory=dict)
 
     def validate(self) -> None:
-        for name, r in [("ratio", self.ratio), *self.ratios.items()]:
-            if not isinstance(r, (int, float)) or not 0.0 <= r < 1.0:
-                raise PruneError(
-                    f"{'ratio' if name == 'ratio' else f'ratio for {name!r}'} must be in "
-                    f"[0, 1) (the fraction of channels to remove), got {r!r}."
-                )
-        if not isinstance(self.round_to, int) or self.round_to < 1:
-            raise PruneError(
-                f"round_to must be a positive integer or 'heads', got {self.round_to!r}."
+        # the same checks and messages as fxprune.prune's own arguments
+        validate.prune_arguments(
+            dict(
+                ratio=self.ratio,
+                align=self.align,
+                global_ranking=self.global_ranking,
+                max_ratio=self.max_ratio,
+                min_channels=self.min_channels,
+                ratios=self.ratios,
             )
-        if self.align not in ("round", "pad"):
-            raise PruneError(f"align must be 'round' or 'pad', got {self.align!r}.")
-        if not 0.0 < self.max_ratio < 1.0:
-            raise PruneError(f"max_ratio must be in (0, 1), got {self.max_ratio!r}.")
+        )
+        validate.integer_at_least("round_to", self.round_to, 1, "kept positions per multiple")
 
 
 def group_ratio(g: PruneGroup, opts: SelectionOptions) -> float:

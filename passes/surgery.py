@@ -57,6 +57,18 @@ class ChannelPlan:
         other = tuple(0 if d != dim else slice(None) for d in range(a.ndim))
         return self.positions(a[other])
 
+    def kept_positions(self, lay: Layout, dim: int, size: int) -> np.ndarray:
+        """Positions of ``dim`` that survive surgery (kept or padded), in order.
+
+        A position survives when any element of its slice does, so a factored layout
+        (heads x head_dim) whose first head_dim is dropped still keeps its heads.
+        """
+        if lay.atoms.shape[dim] == 1:
+            return np.arange(size)
+        alive = self.positions(lay.atoms.ravel()).reshape(lay.atoms.shape) != DROP
+        others = tuple(d for d in range(alive.ndim) if d != dim)
+        return np.nonzero(alive.any(axis=others) if others else alive)[0]
+
     def new_shape(self, lay: Layout, shape: tuple[int, ...]) -> tuple[int, ...]:
         a = lay.atoms
         out = list(shape)

@@ -320,6 +320,19 @@ class NoRule(nn.Module):
         return self.c(torch.relu(self.b(y)))
 
 
+class LayerNormMLP(nn.Module):
+    """LayerNorm over the channels: a pruned channel changes its mean and variance (inexact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.norm = nn.LayerNorm(32)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.norm(torch.relu(self.inp(x))))
+
+
 IMAGE = (1, 3, 8, 8)
 SEQ = (2, 6, 32)
 
@@ -347,4 +360,32 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "rotary": (Rotary().eval(), seq),
         "layer_scale": (LayerScale().eval(), torch.randn(2, 6, 8)),
         "no_rule": (NoRule().eval(), img),
+        "layer_norm": (LayerNormMLP().eval(), torch.randn(2, 6, 8)),
     }
+
+
+# Whether pruning each micro model (ratio 0.5) must leave the output equal to the masked
+# original's, written down from the model, not read from fxprune's report: only a norm,
+# softmax or mean across the pruned channels makes a group inexact.
+EXPECTED_EXACT: dict[str, bool] = {
+    "residual": True,  # BatchNorm is per channel
+    "concat": True,
+    "cat_self": True,
+    "unequal_split": True,
+    "chunk": True,
+    "hard_coded_view": True,
+    "flatten_linear": True,
+    "permute": True,
+    "channel_shuffle": True,
+    "pixel_shuffle": True,
+    "grouped_after_residual": True,
+    "se_block": True,  # the mean is over H, W, not over channels
+    "matmul_attention": True,  # softmax over keys; head_dim only enters q·k and attn·v sums
+    "sdpa": True,
+    "mha": True,
+    "gqa": True,
+    "rotary": True,
+    "layer_scale": True,
+    "no_rule": True,  # its channels are frozen; the rest is plain conv
+    "layer_norm": False,  # LayerNorm normalises over the pruned channels
+}

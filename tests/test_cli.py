@@ -56,17 +56,27 @@ def test_inspect_resnet18_prints_every_node(capsys):
     assert {n.name for n in gm.graph.nodes} <= names
 
 
-def test_prune_writes_module_and_report_and_refuses_to_overwrite(tmp_path, factory, capsys):
+def test_prune_writes_a_safe_result_and_refuses_to_overwrite(tmp_path, factory, capsys):
     out = tmp_path / "out"
     assert main(["prune", factory, "--ratio", "0.5", "--round-to", "8", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "MACs" in printed and "verified: outputs equal the masked original" in printed
-    assert {p.name for p in out.iterdir()} == {"model.pt", "kept.pt", "report.txt", "report.json"}
+    assert {p.name for p in out.iterdir()} == {
+        ".fxprune-result.json",
+        "plan.json",
+        "model.safetensors",
+        "inputs.safetensors",
+        "kept.safetensors",
+        "report.txt",
+        "report.json",
+    }
     import torch
 
     import fxprune
+    from fxprune.models import load_model
 
-    loaded = fxprune.load(out / "model.pt")
+    original, _ = load_model(factory)
+    loaded = fxprune.load(out, model=original)
     assert loaded(torch.randn(2, 3, 16, 16)).shape == (2, 4)
     assert main(["prune", factory, "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
@@ -84,8 +94,11 @@ def test_bad_input_errors_are_one_line(capsys):
     assert "torchvision has no model 'not_a_model'" in capsys.readouterr().err
     assert main(["inspect", "nowhere/model.pt"]) == 2
     assert "no such model file" in capsys.readouterr().err
-    assert main(["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "/tmp/x"]) == 2
-    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "torchvision:resnet18", "--ratio", "1.5", "--out", "/tmp/x"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "ratio must be in [0, 1)" in err and len(err.splitlines()) == 1
     assert main(["inspect", "torchvision:resnet18", "--input-shape", "1,a"]) == 2
 
 

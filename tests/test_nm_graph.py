@@ -124,5 +124,12 @@ def test_cli_sparsify(tmp_path, capsys):
     )
     out = tmp_path / "sparse"
     assert main(["sparsify", f"{factory}:build", "--out", str(out), "--time-budget", "0.1"]) == 0
-    assert (out / "model.pt").exists() and "2:4" in capsys.readouterr().out
+    assert "2:4" in capsys.readouterr().out
+    import fxprune
+    from fxprune.models import load_model
+    from fxprune.sparsity import check_nm
+
+    original, _ = load_model(f"{factory}:build")
+    loaded = fxprune.load(out, model=original)  # safetensors + plan, rebuilt without pickle
+    assert check_nm(loaded).passed
     assert main(["sparsify", f"{factory}:build", "--out", str(out)]) == 2  # refuses to overwrite

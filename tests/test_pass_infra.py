@@ -11,7 +11,7 @@ from torch import nn
 
 import fxprune
 from fxprune import meta
-from fxprune.errors import PassError, PostconditionError, PreconditionError
+from fxprune.errors import PassError, PostconditionError, PreconditionError, VerificationError
 from fxprune.pass_infra import (
     DumpGraphs,
     Pass,
@@ -107,6 +107,29 @@ def test_check_failure_names_the_pass_and_those_before_it():
     with pytest.raises(PostconditionError, match=r"CorruptsLayout.*does not fit its shape"):
         PassManager([CorruptsLayout()], check=True).run(traced())
     PassManager([CorruptsLayout()], check=False).run(traced())  # checks only when asked
+
+
+class FailsVerification(Pass):
+    def call(self, gm, ctx):
+        raise VerificationError("pruned output differs from the masked original")
+
+
+class Crashes(Pass):
+    def call(self, gm, ctx):
+        return 1 / 0
+
+
+def test_fxprune_errors_keep_their_type_and_name_the_pass_in_a_note():
+    with pytest.raises(VerificationError) as info:
+        PassManager([ReluToGelu(), FailsVerification()]).run(traced())
+    assert not isinstance(info.value, PassError)  # callers catch VerificationError by type
+    assert str(info.value) == "pruned output differs from the masked original"
+    assert info.value.__notes__ == [
+        "pass FailsVerification failed (passes run before it: ReluToGelu)"
+    ]
+    # anything else is still wrapped into a PassError naming the pass
+    with pytest.raises(PassError, match=r"Crashes failed \(passes run before it: none\): Zero"):
+        PassManager([Crashes()]).run(traced())
 
 
 def test_preconditions_and_postconditions():

@@ -1,0 +1,448 @@
+"""The correctness oracle: proves a pruning result right, independently of surgery.
+
+For a pruning result, the *masked original* is a copy of the original model with
+every pruned coordinate (everything not in ``kept``) set to zero in every parameter.
+Two things must hold:
+
+* every pruned parameter equals the original indexed by the kept indices, with
+  zeros where an index is -1 (a padding channel), and every other parameter the
+  pruned model shares with the original is unchanged;
+* when every pruned group is exact, the pruned model's outputs equal the masked
+  original's (float32: max error under 1e-4 of each output's scale). When a pruned
+  group is inexact (a norm, softmax or mean over its channels), outputs must still
+  have the right number and shapes, but their values are no proof and only reported.
+
+The oracle indexes with its own code (``index_select`` per dim, ``torch.where`` for
+padding) and never imports the passes, so a bug in surgery cannot vouch for itself.
+It never modifies the models it is given: it masks a copy, and runs a copy in eval
+mode when a model is in train mode. On a mismatch it raises
+:class:`~fxprune.errors.VerificationError` naming the node (and the user's source
+line) where the pruned graph first diverges, when a :class:`GraphPlan` says which
+channels each node keeps, or else the output that differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from fxprune import meta
+from fxprune.channels import Layout, PruneGroup
+from fxprune.errors import VerificationError
+from fxprune.trace import ExampleInputs, flat_inputs, trace
+
+logger = logging.getLogger(__name__)
+
+Kept = dict[str, dict[int, torch.Tensor]]
+TOLERANCE = 1e-4
+
+
+class ChannelLines(Protocol):
+    """What the oracle needs from a channel plan: the surviving positions of a node's dim."""
+
+    def kept_positions(self, lay: Layout, dim: int, size: int) -> np.ndarray: ...
+
+
+@dataclass
+class GraphPlan:
+    """How to locate a divergence: the channel plan and the pre-surgery layout of each node.
+
+    Only used to name the first diverging node once a mismatch is found; the verdict
+    itself never depends on it.
+    """
+
+    plan: ChannelLines
+    layouts: dict[str, Any]
+
+
+@dataclass
+class VerificationReport:
+    """What the oracle checked. ``exact``: outputs were required to equal the masked original."""
+
+    exact: bool
+    parameters_checked: int
+    max_error: float
+    scale: float
+    outputs: int
+    note: str = ""
+
+    @property
+    def summary(self) -> str:
+        if self.exact:
+            return "outputs equal the masked original"
+        return f"parameters only: {self.note}"
+
+    def __str__(self) -> str:
+        return (
+            f"{self.summary}; {self.parameters_checked} parameters checked, "
+            f"{self.outputs} outputs, max error {self.max_error:.2e} (output scale {self.scale:.2e})"
+        )
+
+
+# -- the oracle's own indexing ------------------------------------------------------------------
+def tensor_at(module: nn.Module, fqn: str) -> torch.Tensor | None:
+    """The parameter, buffer or tensor attribute ``fqn`` of ``module``, or None."""
+    prefix, _, name = fqn.rpartition(".")
+    try:
+        owner = module.get_submodule(prefix) if prefix else module
+    except AttributeError:
+        return None
+    t = getattr(owner, name, None)
+    return t if isinstance(t, torch.Tensor) else None
+
+
+def index_kept(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """``t`` indexed by the kept indices of each dim, zeros where an index is -1."""
+    out = t.detach()
+    for d, idx in dims.items():
+        idx = torch.as_tensor(idx, dtype=torch.long, device=out.device)
+        if idx.numel() and int(idx.max()) >= out.shape[d]:
+            raise VerificationError(
+                f"kept index {int(idx.max())} is out of range for dim {d} of size {out.shape[d]}."
+            )
+        pad = idx < 0
+        out = out.index_select(d, torch.where(pad, torch.zeros_like(idx), idx))
+        shape = [1] * out.dim()
+        shape[d] = -1
+        out = torch.where(pad.view(shape), torch.zeros((), dtype=out.dtype), out)
+    return out
+
+
+def _keep_mask(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    mask = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+    for d, idx in dims.items():
+        keep = torch.zeros(t.shape[d], dtype=torch.bool, device=t.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=t.device)
+        keep[idx[idx >= 0]] = True
+        shape = [1] * t.dim()
+        shape[d] = -1
+        mask &= keep.view(shape)
+    return mask
+
+
+def masked_original(original: nn.Module, kept: Kept) -> nn.Module:
+    """A copy of ``original`` in eval mode, every coordinate not in ``kept`` set to zero."""
+    m = copy.deepcopy(original)
+    _eval(m)
+    with torch.no_grad():
+        for fqn, dims in kept.items():
+            t = tensor_at(m, fqn)
+            if t is None:
+                raise VerificationError(
+                    f"the result keeps indices of {fqn}, which the original model does not have."
+                )
+            t.mul_(_keep_mask(t, dims).to(t.dtype))
+    return m
+
+
+def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = dict(module.named_parameters(remove_duplicate=False))
+    out.update(dict(module.named_buffers(remove_duplicate=False)))
+    return out
+
+
+def check_params(original: nn.Module, pruned: nn.Module, kept: Kept) -> int:
+    """Pruned tensors equal the original indexed by ``kept``; the others are unchanged.
+
+    Returns how many tensors were compared; raises naming the node that uses a wrong one.
+    """
+    checked = 0
+    for fqn in sorted(kept):
+        want, got = tensor_at(original, fqn), tensor_at(pruned, fqn)
+        if want is None:
+            raise VerificationError(
+                f"the result keeps indices of {fqn}, which the original model does not have."
+            )
+        if got is None:
+            raise VerificationError(f"the pruned model lost {fqn}{_user_of(pruned, fqn)}.")
+        want = index_kept(want, kept[fqn])
+        _compare_tensor(fqn, want, got.detach(), pruned, "the original indexed by the kept indices")
+        checked += 1
+    for fqn, got in _named_tensors(pruned).items():
+        want = None if fqn in kept else tensor_at(original, fqn)
+        if want is not None:
+            _compare_tensor(fqn, want.detach(), got.detach(), pruned, "the original (not pruned)")
+            checked += 1
+    return checked
+
+
+def _compare_tensor(fqn: str, want: torch.Tensor, got: torch.Tensor, pruned, what: str) -> None:
+    if want.shape != got.shape:
+        raise VerificationError(
+            f"parameter {fqn} has shape {list(got.shape)}, but {what} has shape "
+            f"{list(want.shape)}{_user_of(pruned, fqn)}."
+        )
+    same = want.to(got.device) == got
+    if want.is_floating_point():
+        same |= want.to(got.device).isnan() & got.isnan()
+    if not bool(same.all()):
+        where = tuple(int(i) for i in (~same).nonzero()[0])
+        raise VerificationError(
+            f"parameter {fqn} is not {what}: first differing element {list(where)} "
+            f"({float(got[where]):.6g} vs {float(want[where]):.6g}){_user_of(pruned, fqn)}."
+        )
+
+
+def _user_of(module: nn.Module, fqn: str) -> str:
+    """', used by node ... at file:line' for the graph node that reads ``fqn``."""
+    if not isinstance(module, fx.GraphModule):
+        return ""
+    best: fx.Node | None = None
+    for node in module.graph.nodes:
+        if node.op == "get_attr" and node.target == fqn:
+            best = node
+            break
+        inside = node.op == "call_module" and fqn.startswith(f"{node.target}.")
+        if inside and (best is None or len(str(node.target)) > len(str(best.target))):
+            best = node  # the innermost module that owns it
+    return f", used by {meta.describe(best)}" if best is not None else ""
+
+
+# -- exactness ----------------------------------------------------------------------------------
+def inexact_reason(groups: Iterable[PruneGroup], kept: Kept, original: nn.Module) -> str | None:
+    """Why output equality is no proof (the pruned groups that are inexact), or None if it is.
+
+    A group counts as pruned when some position of a member of it is missing from
+    ``kept``: read from the kept indices, not from the pruning report. A group found on
+    a graph pruned before (a later ``Pruner`` step) cannot be matched to the original's
+    positions and counts as pruned.
+    """
+    inexact = [g for g in groups if not g.exact and _is_pruned(g, kept, original)]
+    if not inexact:
+        return None
+    return f"{len(inexact)} pruned group(s) are inexact ({inexact[0].inexact_reason})"
+
+
+def _is_pruned(group: PruneGroup, kept: Kept, original: nn.Module) -> bool:
+    for m in group.members:
+        t = tensor_at(original, m.param)
+        if t is not None and (m.dim >= t.dim() or len(m.index_map) != t.shape[m.dim]):
+            return True
+        idx = kept.get(m.param, {}).get(m.dim)
+        if idx is None:
+            continue
+        positions = torch.nonzero(torch.as_tensor(m.index_map) >= 0).flatten()
+        if not bool(torch.isin(positions, torch.as_tensor(idx)).all()):
+            return True
+    return False
+
+
+# -- outputs ------------------------------------------------------------------------------------
+def _outputs(module: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    ex = ExampleInputs.of(inputs)
+    with torch.no_grad():
+        out = module(*ex.args, **ex.kwargs)
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def max_error(reference: list[torch.Tensor], got: list[torch.Tensor]) -> tuple[float, float]:
+    """(max abs error, the reference output's scale) over all float outputs."""
+    err, scale = 0.0, 0.0
+    for a, b in zip(reference, got):
+        if a.shape != b.shape:
+            return float("inf"), 1.0
+        err = max(err, float((a.float() - b.float()).abs().max()) if a.numel() else 0.0)
+        scale = max(scale, float(a.abs().max()) if a.numel() else 0.0)
+    return err, scale
+
+
+Locate = Callable[[nn.Module, nn.Module], "str | None"]
+
+
+def check(
+    original: nn.Module,
+    pruned: nn.Module,
+    kept: Kept,
+    example_inputs: Any,
+    *,
+    inexact: str | None = None,
+    locate: Locate | None = None,
+) -> VerificationReport:
+    """Run the oracle on ``pruned`` against ``original``; ``inexact``: why outputs prove nothing.
+
+    ``locate(masked, pruned)`` names the first diverging node once outputs disagree.
+    """
+    checked = check_params(original, pruned, kept)
+    masked = masked_original(original, kept)
+    run = _eval_copy(pruned)
+    ref, got = _outputs(masked, example_inputs), _outputs(run, example_inputs)
+
+    def fail(message: str) -> VerificationError:
+        where = _locate(locate, masked, run)
+        if where:
+            return VerificationError(f"{message} First diverging node: {where}.")
+        return VerificationError(
+            f"{message} (No node could be named: the result carries no graph plan, "
+            "or no intermediate node differs.)"
+        )
+
+    if len(ref) != len(got):
+        raise fail(f"the pruned model returns {len(got)} float tensors, the original {len(ref)}.")
+    err, scale, worst = 0.0, 0.0, -1.0
+    for i, (a, b) in enumerate(zip(ref, got)):
+        if a.shape != b.shape:
+            raise fail(
+                f"output {i} of the pruned model has shape {list(b.shape)}, the masked "
+                f"original's {list(a.shape)}."
+            )
+        e = float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+        s = float(a.abs().max()) if a.numel() else 0.0
+        if e / max(s, 1.0) > worst:
+            worst, err, scale = e / max(s, 1.0), e, s
+        if inexact is None and not e <= TOLERANCE * max(s, 1.0):
+            raise fail(
+                f"output {i} (shape {list(a.shape)}) of the pruned model differs from the masked "
+                f"original by {e:.3e} (output scale {s:.3e}, tolerance {TOLERANCE:g} of the scale)."
+            )
+    note = ""
+    if inexact is not None:
+        note = f"{inexact}; output comparison is not a proof"
+    return VerificationReport(inexact is None, checked, err, scale, len(ref), note)
+
+
+def _locate(locate: Locate | None, masked: nn.Module, run: nn.Module) -> str | None:
+    if locate is None:
+        return None
+    try:
+        return locate(masked, run)
+    except Exception as exc:  # a diagnostic must never hide the verdict it explains
+        logger.debug("could not locate the diverging node: %s", exc)
+        return None
+
+
+def _eval(module: nn.Module) -> None:
+    with contextlib.suppress(NotImplementedError):  # torch.export graph modules fix their mode
+        module.train(False)
+
+
+def _eval_copy(module: nn.Module) -> nn.Module:
+    """``module`` itself in eval mode, or an eval-mode copy: the caller's mode is left alone."""
+    if not any(m.training for m in module.modules()):
+        return module
+    m = copy.deepcopy(module)
+    _eval(m)
+    return m
+
+
+# -- locating the first diverging node ----------------------------------------------------------
+class _Recorder(torch.fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.values: dict[str, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if isinstance(out, torch.Tensor):
+            self.values[n.name] = out.detach()
+        elif isinstance(out, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in out):
+            self.values[n.name] = [t.detach() for t in out]
+        return out
+
+
+def first_divergence(
+    masked_gm: fx.GraphModule,
+    pruned_gm: fx.GraphModule,
+    inputs: Any,
+    plan: ChannelLines,
+    layouts: dict[str, Any],
+) -> str | None:
+    """Name and source line of the first node whose pruned output differs from the masked one.
+
+    Nodes are matched by name, op and target; the masked value is indexed by the
+    positions the plan keeps on each channel dim before it is compared.
+    """
+    rec_a, rec_b = _Recorder(masked_gm), _Recorder(pruned_gm)
+    with torch.no_grad():
+        rec_a.run(*flat_inputs(masked_gm, inputs))
+        rec_b.run(*flat_inputs(pruned_gm, inputs))
+    masked_nodes = {n.name: n for n in masked_gm.graph.nodes}
+    for node in pruned_gm.graph.nodes:
+        twin = masked_nodes.get(node.name)
+        if twin is None or (twin.op, twin.target) != (node.op, node.target):
+            continue
+        a, b, lay = rec_a.values.get(node.name), rec_b.values.get(node.name), layouts.get(node.name)
+        if isinstance(a, list) and isinstance(b, list) and isinstance(lay, list):
+            if len(a) != len(b):
+                return f"{meta.describe(node)}: {len(b)} outputs but expected {len(a)}"
+            pairs = list(zip(a, b, lay))
+        else:
+            pairs = [(a, b, lay)]
+        for i, (x, y, sub) in enumerate(pairs):
+            what = _diverges(x, y, sub, plan)
+            if what:
+                part = f" (output {i})" if len(pairs) > 1 else ""
+                return f"{meta.describe(node)}{part}: {what}"
+    return None
+
+
+def _diverges(a: Any, b: Any, lay: Any, plan: ChannelLines) -> str | None:
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return None
+    if not isinstance(lay, Layout) or not a.is_floating_point() or not lay.fits(tuple(a.shape)):
+        return None
+    ref = a
+    for d in lay.varying_dims():
+        keep = plan.kept_positions(lay, d, ref.shape[d])
+        ref = ref.index_select(d, torch.as_tensor(keep, dtype=torch.long))
+    if ref.shape != b.shape:
+        return f"shape {list(b.shape)} but expected {list(ref.shape)}"
+    err = float((ref.float() - b.float()).abs().max()) if ref.numel() else 0.0
+    if err > TOLERANCE * max(float(ref.abs().max()) if ref.numel() else 0.0, 1.0):
+        return f"differs by {err:.3e}"
+    return None
+
+
+# -- the public oracle --------------------------------------------------------------------------
+def verify(
+    original: nn.Module,
+    result: Any,
+    example_inputs: Any,
+    *,
+    exact: bool | None = None,
+) -> VerificationReport:
+    """Check a pruning result against the masked original; raise ``VerificationError`` if wrong.
+
+    ``result`` is what :func:`fxprune.prune` returned (``.module``, ``.kept``, and the
+    groups). ``exact``: whether outputs must equal the masked original; by default,
+    when no pruned group is inexact. Neither ``original`` nor ``result.module`` is
+    modified. Returns a :class:`VerificationReport`.
+    """
+    if not isinstance(original, nn.Module):
+        raise VerificationError(
+            f"verify(original, result, example_inputs) needs the original torch.nn.Module, "
+            f"got {type(original).__name__}."
+        )
+    kept = result.kept
+    if exact is None:
+        reason = inexact_reason(getattr(result, "groups", None) or [], kept, original)
+    else:
+        reason = None if exact else "the caller says a pruned group is inexact"
+    graph_plan = getattr(result, "graph_plan", None)
+    options = getattr(result, "trace_options", None) or {}
+
+    def locate(masked: nn.Module, run: nn.Module) -> str | None:
+        if graph_plan is None or not isinstance(run, fx.GraphModule):
+            return None
+        # Retraced the way the result was, the masked original has the pruned graph's node names.
+        masked_gm = trace(
+            masked,
+            example_inputs,
+            frontend=options.get("frontend", run.meta.get("fxprune.frontend", "fx")),
+            leaf_modules=tuple(options.get("leaf_modules", ())),
+            concrete_args=options.get("concrete_args") or None,
+        )
+        _eval(masked_gm)
+        return first_divergence(masked_gm, run, example_inputs, graph_plan.plan, graph_plan.layouts)
+
+    return check(original, result.module, kept, example_inputs, inexact=reason, locate=locate)

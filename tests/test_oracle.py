@@ -1,0 +1,225 @@
+"""The correctness oracle can fail: corrupted results are caught, at the right node.
+
+Each test prunes a small model, passes the oracle, then corrupts the result *after*
+surgery in a way that still runs (a weight value, a view's size constants, a split's
+sizes) and expects ``fxprune.verify`` to raise ``VerificationError`` naming the node
+that computes the wrong value and its source line.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+
+import pytest
+import torch
+from micro_models import LayerNormMLP, Residual, randomize
+from torch import nn
+
+import fxprune
+import fxprune.passes.surgery as surgery
+from fxprune import PassError, VerificationError, VerificationReport
+
+
+class ShuffledHeads(nn.Module):
+    """Hard-coded view of 32 channels into 4 heads of 8, a transpose, and back."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 32, 3, padding=1)
+        self.c = nn.Conv2d(32, 4, 1)
+
+    def forward(self, x):
+        b = x.shape[0]
+        y = torch.relu(self.a(x)).view(b, 4, 8, -1)  # the view the corruption rewrites
+        return self.c(y.transpose(1, 2).reshape(b, 32, 8, 8))
+
+
+class SplitSwap(nn.Module):
+    """Channels split into unequal parts [8, 16] and concatenated back in the other order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 24, 3, padding=1)
+        self.c = nn.Conv2d(24, 4, 1)
+
+    def forward(self, x):
+        u, v = torch.split(torch.relu(self.a(x)), [8, 16], dim=1)  # the split corrupted
+        return self.c(torch.cat([v, u * 2.0], dim=1))
+
+
+IMG = (1, 3, 8, 8)
+
+
+def pruned(model: nn.Module, ratio: float = 0.5):
+    x = torch.randn(*IMG)
+    res = fxprune.prune(model, x, ratio=ratio)
+    return res, x
+
+
+def node(res, name: str) -> torch.fx.Node:
+    return next(n for n in res.module.graph.nodes if n.name == name)
+
+
+def source(fn, text: str) -> str:
+    """``file:line`` of the line of ``fn`` that contains ``text``, as errors cite it."""
+    lines, first = inspect.getsourcelines(fn)
+    offset = next(i for i, line in enumerate(lines) if text in line)
+    return f"{inspect.getsourcefile(fn).rpartition('/tests/')[2]}:{first + offset}"
+
+
+def test_uncorrupted_result_passes_and_reports():
+    model = randomize(Residual())
+    res, x = pruned(model)
+    report = fxprune.verify(model, res, x)
+    assert isinstance(report, VerificationReport)
+    assert report.exact and report.outputs == 1 and report.note == ""
+    assert report.parameters_checked == len(dict(res.module.named_parameters())) + len(
+        dict(res.module.named_buffers())
+    )
+    assert report.max_error <= 1e-4 * max(report.scale, 1.0) and report.scale > 0
+    assert "outputs equal the masked original" in str(report)
+
+
+def test_changed_kept_weight_value_names_parameter_and_node():
+    model = randomize(Residual())
+    res, x = pruned(model)
+    with torch.no_grad():
+        res.module.conv1.weight[1, 2, 0, 1] += 0.5
+    with pytest.raises(VerificationError) as info:
+        fxprune.verify(model, res, x)
+    msg = str(info.value)
+    assert "conv1.weight" in msg and "[1, 2, 0, 1]" in msg
+    assert f"node 'conv1' at tests/{source(Residual.forward, 'self.conv1')}" in msg
+
+
+def test_changed_unpruned_weight_is_caught_too():
+    model = randomize(Residual())
+    res, x = pruned(model)
+    assert "head.bias" not in res.kept  # the model's outputs are never pruned
+    with torch.no_grad():
+        res.module.head.bias[0] += 0.5
+    with pytest.raises(VerificationError, match=r"head\.bias is not the original \(not pruned\)"):
+        fxprune.verify(model, res, x)
+
+
+def test_consistent_channel_permutation_keeps_outputs_but_breaks_kept():
+    # Permuting conv1's kept output channels (and bn1, conv2's input) computes the same
+    # function, but res.kept no longer maps the parameters to the original: caught.
+    model = randomize(Residual())
+    res, x = pruned(model)
+    m = res.module
+    n = m.conv1.weight.shape[0]
+    perm = torch.arange(n).roll(1)
+    with torch.no_grad():
+        before = m(x)
+        for t in (m.conv1.weight, m.conv1.bias, m.bn1.weight, m.bn1.bias):
+            t.copy_(t[perm])
+        for t in (m.bn1.running_mean, m.bn1.running_var):
+            t.copy_(t[perm])
+        m.conv2.weight.copy_(m.conv2.weight[:, perm])
+        torch.testing.assert_close(m(x), before)
+    with pytest.raises(VerificationError, match=r"bn1\.bias is not the original"):
+        fxprune.verify(model, res, x)
+
+
+def test_rewritten_view_constants_name_the_view_node():
+    torch.manual_seed(0)
+    model = ShuffledHeads().eval()
+    res, x = pruned(model, ratio=0.25)
+    fxprune.verify(model, res, x)
+    view = node(res, "view")
+    b, heads, head_dim, rest = view.args[1:]
+    assert (heads, head_dim) == (4, 6)  # 2 of each head's 8 dims pruned
+    view.args = (view.args[0], b, head_dim, heads, rest)  # shapes still fit: 24 channels
+    res.module.recompile()
+    res.module(x)  # the corrupted model runs
+    with pytest.raises(VerificationError) as info:
+        fxprune.verify(model, res, x)
+    msg = str(info.value)
+    assert "output 0" in msg and "differs from the masked original" in msg
+    where = source(ShuffledHeads.forward, ".view(")
+    assert f"First diverging node: node 'view' at tests/{where}" in msg
+    assert "shape [1, 6, 4, 64] but expected [1, 4, 6, 64]" in msg
+
+
+def test_changed_split_sizes_name_the_split_node():
+    torch.manual_seed(0)
+    model = SplitSwap().eval()
+    res, x = pruned(model)
+    fxprune.verify(model, res, x)
+    split = node(res, "split")
+    a, b = split.args[1]
+    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
+    res.module.recompile()
+    res.module(x)  # still 12 channels into c: runs
+    with pytest.raises(VerificationError) as info:
+        fxprune.verify(model, res, x)
+    msg = str(info.value)
+    where = source(SplitSwap.forward, "torch.split")
+    assert f"First diverging node: node 'split' at tests/{where}" in msg
+    assert f"(output 0): shape [1, {a + 1}, 8, 8] but expected [1, {a}, 8, 8]" in msg
+
+
+def test_without_a_graph_plan_the_differing_output_is_named():
+    torch.manual_seed(0)
+    model = SplitSwap().eval()
+    res, x = pruned(model)
+    split = node(res, "split")
+    a, b = split.args[1]
+    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
+    res.module.recompile()
+    res.graph_plan = None
+    with pytest.raises(VerificationError, match=r"output 0 \(shape \[1, 4, 8, 8\]\).*differs"):
+        fxprune.verify(model, res, x)
+
+
+def test_verify_leaves_models_and_their_mode_alone():
+    model = randomize(Residual()).train()  # train mode: BN would update running stats
+    x = torch.randn(*IMG)
+    res = fxprune.prune(model, x, ratio=0.5)
+    assert res.module.training
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    pruned_state = {k: v.clone() for k, v in res.module.state_dict().items()}
+    report = fxprune.verify(model, res, x)
+    assert report.exact
+    assert model.training and res.module.training
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert all(torch.equal(pruned_state[k], v) for k, v in res.module.state_dict().items())
+
+
+def test_inexact_result_checks_parameters_but_does_not_prove_outputs():
+    torch.manual_seed(0)
+    model = LayerNormMLP().eval()
+    x = torch.randn(2, 6, 8)
+    res = fxprune.prune(model, x, ratio=0.5)
+    report = fxprune.verify(model, res, x)
+    assert not report.exact and "not a proof" in report.note and "inexact" in report.note
+    assert report.max_error > 1e-4 * max(report.scale, 1.0)  # outputs really differ
+    with pytest.raises(VerificationError, match="differs from the masked original"):
+        fxprune.verify(model, res, x, exact=True)
+    with torch.no_grad():
+        res.module.inp.weight[0, 0] += 0.5
+    with pytest.raises(VerificationError, match=r"inp\.weight is not the original"):
+        fxprune.verify(model, res, x)
+
+
+def test_prune_with_verify_raises_verification_error_when_surgery_is_wrong(monkeypatch):
+    # The oracle used to check parameters with surgery's own slice_tensor: a bug there
+    # would have verified itself. Now it indexes with its own code and catches it.
+    right = surgery.slice_tensor
+
+    def wrong(t, dims):
+        out = right(t, dims)
+        if out.dim() == 4:
+            out[0, 0, 0, 0] += 1.0
+        return out
+
+    monkeypatch.setattr(surgery, "slice_tensor", wrong)
+    model = randomize(Residual())
+    with pytest.raises(VerificationError) as info:
+        fxprune.prune(copy.deepcopy(model), torch.randn(*IMG), ratio=0.5)
+    assert not isinstance(info.value, PassError)
+    assert "is not the original indexed by the kept indices" in str(info.value)
+    notes = "\n".join(getattr(info.value, "__notes__", []))
+    assert "pass VerifyPass failed (passes run before it: SurgeryPass)" in notes
