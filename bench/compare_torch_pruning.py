@@ -267,6 +267,23 @@ def run_in_subprocess(name: str, args: argparse.Namespace) -> dict[str, Any]:
         return record
 
 
+def git_state() -> str:
+    """The commit of the fxprune sources measured, "+dirty" when they differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fxprune", "passes", "export"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     import onnxruntime
     import torch
@@ -289,6 +306,7 @@ def environment(args: argparse.Namespace) -> dict[str, Any]:
         "onnxruntime": onnxruntime.__version__,
         "torch_pruning": getattr(tp, "__version__", "?"),
         "fxprune": fxprune.__version__,
+        "fxprune_git": git_state(),
         "ratio": RATIO,
         "round_to": ROUND_TO,
     }
@@ -552,6 +570,7 @@ def main(argv: list[str] | None = None) -> int:
         data["environment"]["loadavg_1m_at_end"] = (
             os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         )
+        data["environment"]["fxprune_git_at_end"] = git_state()
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(data, indent=2))

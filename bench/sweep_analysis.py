@@ -27,6 +27,7 @@ Segmentation models are built with ``weights=None, weights_backbone=None`` (rand
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -40,7 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +173,25 @@ class _Tool:
         return elapsed
 
 
-def measure_one(name: str, runs: int, threads: int) -> dict[str, Any]:
+@contextlib.contextmanager
+def _time_limit(seconds: float) -> Iterator[None]:
+    """Raise TimeoutError in the main thread after ``seconds`` (pure-Python loops only)."""
+
+    def expire(signum: int, frame: Any) -> None:
+        raise TimeoutError(f"no result within {seconds:g} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def measure_one(
+    name: str, runs: int, threads: int, tp_groups_timeout: float = 60
+) -> dict[str, Any]:
     import torch
     import torch_pruning as tp
 
@@ -212,9 +231,11 @@ def measure_one(name: str, runs: int, threads: int) -> dict[str, Any]:
         )
     if tp_tool.result is not None:
         # Outside the timing: what the DepGraph offers to prune (its default root types).
+        # get_all_groups can loop for minutes or exhaust memory on attention models.
         try:
-            tp_tool.record["groups"] = len(list(tp_tool.result.get_all_groups()))
-        except Exception as exc:
+            with _time_limit(tp_groups_timeout):
+                tp_tool.record["groups"] = len(list(tp_tool.result.get_all_groups()))
+        except (Exception, MemoryError) as exc:
             tp_tool.record["groups_error"] = _error(exc)["error"]
     fx_tool.result = tp_tool.result = analysis = None  # free the graphs before timing
 
@@ -254,7 +275,12 @@ def _limit_memory(max_gb: float) -> Callable[[], None]:
 
 
 def run_in_subprocess(
-    name: str, timeout: float, runs: int, threads: int, max_memory_gb: float
+    name: str,
+    timeout: float,
+    runs: int,
+    threads: int,
+    max_memory_gb: float,
+    tp_groups_timeout: float = 60,
 ) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="sweep_analysis_") as folder:
         result_path = Path(folder) / "result.json"
@@ -269,6 +295,8 @@ def run_in_subprocess(
             str(runs),
             "--threads",
             str(threads),
+            "--tp-groups-timeout",
+            str(tp_groups_timeout),
         ]
         start = time.perf_counter()
         try:
@@ -308,6 +336,23 @@ def run_in_subprocess(
     return record
 
 
+def git_state() -> str:
+    """The commit of the fxprune sources measured, "+dirty" when they differ from it."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--", "fxprune", "passes", "export"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    return (commit or "unknown") + ("+dirty" if dirty else "")
+
+
 def _environment(threads: int, max_memory_gb: float) -> dict[str, Any]:
     import torch
     import torch_pruning as tp
@@ -328,6 +373,7 @@ def _environment(threads: int, max_memory_gb: float) -> dict[str, Any]:
         "torchvision": torchvision.__version__,
         "torch_pruning": getattr(tp, "__version__", "?"),
         "fxprune": fxprune.__version__,
+        "fxprune_git": git_state(),
         "inputs": {
             "classification": "1x3x224x224 (inception_v3: 1x3x299x299)",
             "segmentation": "1x3x256x256 (not the 520x520 default, to keep the sweep short)",
@@ -353,13 +399,24 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     for name in names:
         family_of(name)  # fail early on a typo
     out = Path(args.out)
-    data: dict[str, Any] = {
-        "environment": _environment(args.threads, args.max_memory_gb),
-        "results": [],
-    }
+    previous = json.loads(out.read_text()) if (args.resume or args.redo) and out.exists() else None
+    if args.redo and previous is None:
+        raise SystemExit(f"--redo needs an earlier run in {out}")
+    if args.redo:
+        # Re-measure only the named models; every other record stays as it was measured.
+        data = previous
+        data["environment"].setdefault("redone", []).append(
+            {
+                "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+                "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                "models": names,
+                "loadavg_1m_at_start": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+            }
+        )
+    else:
+        data = {"environment": _environment(args.threads, args.max_memory_gb), "results": []}
     done: dict[str, dict[str, Any]] = {}
-    if args.resume and out.exists():
-        previous = json.loads(out.read_text())
+    if args.resume and previous is not None:
         done = {r["model"]: r for r in previous.get("results", [])}
         data["environment"]["resumed_from"] = previous.get("environment", {}).get("date")
     bar = tqdm(names, desc="sweep", unit="model")
@@ -369,14 +426,27 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
             data["results"].append(done[name])
             continue
         timeout = args.long_timeout if name in LARGE_MODELS else args.timeout
-        record = run_in_subprocess(name, timeout, args.runs, args.threads, args.max_memory_gb)
+        record = run_in_subprocess(
+            name, timeout, args.runs, args.threads, args.max_memory_gb, args.tp_groups_timeout
+        )
         if record.get("status") != "ok":
             bar.write(f"{name}: {record.get('status')}: {record.get('error')}")
-        data["results"].append(record)
+        if args.redo:
+            record["remeasured"] = data["environment"]["redone"][-1]["date"]
+            index = [r["model"] for r in data["results"]]
+            if name in index:
+                data["results"][index.index(name)] = record
+            else:
+                data["results"].append(record)
+        else:
+            data["results"].append(record)
         _save(out, data)  # after each model: a long sweep can be polled and resumed
+    if args.redo:
+        return data
     data["environment"]["loadavg_1m_at_end"] = (
         os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     )
+    data["environment"]["fxprune_git_at_end"] = git_state()
     _save(out, data)
     return data
 
@@ -402,6 +472,10 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
             notes.append(fx.get("error") or r.get("error", ""))
         if tpr and not tpr.get("ok"):
             notes.append(f"TP: {tpr.get('error', '')}")
+        elif tpr.get("groups_error"):
+            notes.append(f"TP get_all_groups: {tpr['groups_error']}")
+        if r.get("remeasured"):
+            notes.append(f"re-measured {r['remeasured']}")
         table.append(
             [
                 r["model"],
@@ -414,8 +488,8 @@ def rows(data: dict[str, Any]) -> list[list[str]]:
                 _ms(fx.get("median_s")),
                 _ms(fx.get("first_s")),
                 _ms(tpr.get("median_s")) if tpr.get("ok") else "fail" if tpr else "",
-                str(tpr.get("groups", "")),
-                f"{ratio:.1f}x" if ratio else "",
+                str(tpr.get("groups", "err" if tpr.get("groups_error") else "")),
+                f"{ratio:.2f}x" if ratio else "",
                 "; ".join(n for n in notes if n)[:160],
             ]
         )
@@ -493,7 +567,7 @@ def print_report(data: dict[str, Any], markdown: bool) -> None:
     console.print(table)
     console.print(
         "times: median of 3 interleaved runs after one warm-up (fxprune 1st = the warm-up call); "
-        "TP/fxprune = median of per-round ratios"
+        "TP/fxprune = median of per-round ratios (> 1: fxprune faster)"
     )
     for line in summary(data):
         console.print(line)
@@ -523,6 +597,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="address-space limit of each subprocess (0: none)",
     )
     parser.add_argument("--resume", action="store_true", help="keep models already ok in --out")
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="re-measure only --models and replace their records in --out, keeping the rest",
+    )
+    parser.add_argument(
+        "--tp-groups-timeout",
+        type=float,
+        default=60,
+        help="seconds allowed for counting Torch-Pruning's groups (not timed)",
+    )
     parser.add_argument("--from-json", help="only print the report of an earlier run")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--one", help=argparse.SUPPRESS)
@@ -538,7 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(levelname)s %(name)s: %(message)s",
     )
     if args.one:
-        record = measure_one(args.one, args.runs, args.threads)
+        record = measure_one(args.one, args.runs, args.threads, args.tp_groups_timeout)
         Path(args.result).write_text(json.dumps(record, indent=2))
         return 0
     if args.from_json:

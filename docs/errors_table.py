@@ -61,7 +61,9 @@ def main_cli() -> None:
             scratch(Path(tmp))
             code, err = run_cli(argv, Path(tmp))
             shown = err.strip().replace(tmp, "DIR")
-        print(f"| `fxprune {_cell(' '.join(argv).replace('{tmp}', 'DIR'))}` | {code} | {_cell(shown)} |")
+        print(
+            f"| `fxprune {_cell(' '.join(argv).replace('{tmp}', 'DIR'))}` | {code} | {_cell(shown)} |"
+        )
 
 
 if __name__ == "__main__":

@@ -325,8 +325,6 @@ def to_onnx(
     Raises ExportError (and writes nothing at `path`) when the folder is missing, the
     exporter or the checker fails, or an output exceeds the tolerance.
     """
-    import onnx
-
     _check_arguments(module, example_inputs, path, fp16, dynamic_batch, opset, rtol, atol)
     default_rtol, default_atol = _DEFAULT_TOLERANCE[bool(fp16)]
     rtol = default_rtol if rtol is None else rtol
@@ -373,29 +371,9 @@ def to_onnx(
     # The temp folder sits beside the target so the final os.replace is an atomic rename on
     # the same filesystem, and it uses the final file name so external-data locations
     # written into the model stay valid after the move.
-    with temp_dir_beside(path) as tmp:  # pid-tagged: a killed run's folder is removed next time
-        tmp_path = Path(tmp) / path.name
-        program.save(tmp_path, external_data=large)
-        try:
-            onnx.checker.check_model(str(tmp_path), full_check=True)
-        except Exception as exc:  # the checker raises several unrelated exception types
-            raise ExportError(f"{path}: the exported model fails the ONNX checker: {exc}") from exc
-        errors = compare_with_ort(
-            tmp_path, named_inputs, reference, rtol=rtol, atol=atol, fp16=fp16
-        )
-        worst = _worst(errors)
-        if not worst.ok:
-            raise ExportError(
-                f"{path}: ONNX Runtime disagrees with PyTorch on output {worst.name!r}: max abs "
-                f"err {worst.max_abs_err:.3g} > allowed {worst.allowed_abs_err:.3g} (atol {atol:g} "
-                f"+ rtol {rtol:g} x output scale {worst.scale:.3g}); max rel err "
-                f"{worst.max_rel_err:.3g}. Nothing was written."
-            )
-        model_proto = onnx.load(str(tmp_path), load_external_data=False)
-        for side_file in sorted(Path(tmp).iterdir()):
-            if side_file != tmp_path:
-                os.replace(side_file, folder / side_file.name)
-        os.replace(tmp_path, path)
+    model_proto, errors = _write_checked(
+        program, path, named_inputs, reference, large, rtol, atol, fp16
+    )
 
     opset_version = next(
         (o.version for o in model_proto.opset_import if o.domain in ("", "ai.onnx")), -1
@@ -461,6 +439,38 @@ def _check_arguments(
                 "an output passes when |onnx - torch| <= atol + rtol * scale",
                 ExportError,
             )
+
+
+def _write_checked(program, path: Path, named_inputs, reference, large: bool, rtol, atol, fp16):
+    """Save ``program`` beside ``path``, check it (ONNX checker, ONNX Runtime vs ``reference``)
+    and move it into place; nothing is written at ``path`` when a check fails."""
+    import onnx  # here, not at import time: fxprune.export loads without onnx until used
+
+    folder = path.parent.resolve()
+    with temp_dir_beside(path) as tmp:  # pid-tagged: a killed run's folder is removed next time
+        tmp_path = Path(tmp) / path.name
+        program.save(tmp_path, external_data=large)
+        try:
+            onnx.checker.check_model(str(tmp_path), full_check=True)
+        except Exception as exc:  # the checker raises several unrelated exception types
+            raise ExportError(f"{path}: the exported model fails the ONNX checker: {exc}") from exc
+        errors = compare_with_ort(
+            tmp_path, named_inputs, reference, rtol=rtol, atol=atol, fp16=fp16
+        )
+        worst = _worst(errors)
+        if not worst.ok:
+            raise ExportError(
+                f"{path}: ONNX Runtime disagrees with PyTorch on output {worst.name!r}: max abs "
+                f"err {worst.max_abs_err:.3g} > allowed {worst.allowed_abs_err:.3g} (atol {atol:g} "
+                f"+ rtol {rtol:g} x output scale {worst.scale:.3g}); max rel err "
+                f"{worst.max_rel_err:.3g}. Nothing was written."
+            )
+        model_proto = onnx.load(str(tmp_path), load_external_data=False)
+        for side_file in sorted(Path(tmp).iterdir()):
+            if side_file != tmp_path:
+                os.replace(side_file, folder / side_file.name)
+        os.replace(tmp_path, path)
+    return model_proto, errors
 
 
 def _export(

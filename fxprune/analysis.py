@@ -70,17 +70,34 @@ class ChannelAnalysis:
         return self.table()
 
 
-def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") -> tuple[str, ...]:
-    """Turn modules, module names and parameter names into name prefixes; reject unknown ones.
+@dataclass(frozen=True)
+class IgnoreSpec:
+    """What the user asked to keep, resolved to name prefixes of the model's parameters.
 
-    ``ignore`` is one module or name, or a list of them: ``ignore=model.fc`` and
+    ``outputs``: modules whose *own output channels* stay (``ignore=`` / ``ignored_layers=``,
+    as Torch-Pruning's ``ignored_layers``): the channels their parameters produce
+    (conv/linear out channels, a transposed conv's dim 1, an embedding's dim) or, for a
+    module that passes its input's channels through (norms, depthwise conv, PReLU), those
+    channels. What the module reads is pruned with its producer.
+    ``frozen``: modules and parameters *every* channel of which stays, read or produced
+    (``freeze_inputs=``, and parameter names given to ``ignore=``).
+    """
+
+    outputs: tuple[str, ...] = ()
+    frozen: tuple[str, ...] = ()
+
+
+def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") -> tuple[str, ...]:
+    """Turn modules, parameters, module names and parameter names into name prefixes.
+
+    ``ignore`` is one module, parameter or name, or a list of them: ``ignore=model.fc`` and
     ``ignore="fc"`` mean ``ignore=[model.fc]`` (a module is never iterated, although
-    ``nn.Sequential`` is iterable, and a name is never split into characters).
-    ``argument`` is the name the user passed them as, for the messages.
+    ``nn.Sequential`` is iterable, and a name is never split into characters). Unknown
+    ones are rejected. ``argument`` is the name the user passed them as, for the messages.
     """
     if ignore is None:
         return ()
-    if isinstance(ignore, (nn.Module, str)):
+    if isinstance(ignore, (nn.Module, str, nn.Parameter)):
         ignore = [ignore]
     elif not isinstance(ignore, Iterable) or isinstance(ignore, (bytes, Mapping, torch.Tensor)):
         raise PruneError(
@@ -88,7 +105,12 @@ def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") ->
             f"(e.g. {argument}=[model.fc] or {argument}=['fc']), got {show(ignore)}."
         )
     by_id = {id(m): name for name, m in model.named_modules()}
-    names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    tensors = list(model.named_parameters(remove_duplicate=False))
+    tensors += list(model.named_buffers(remove_duplicate=False))
+    tensor_ids = {}
+    for name, t in tensors:
+        tensor_ids.setdefault(id(t), name)
+    names = {n for n, _ in tensors}
     modules = {n for n, _ in model.named_modules()}
     out = []
     for item in ignore:
@@ -99,6 +121,13 @@ def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") ->
                     f"model's own submodule (e.g. model.fc), or its name as a string."
                 )
             out.append(by_id[id(item)])
+        elif isinstance(item, torch.Tensor):
+            if id(item) not in tensor_ids:
+                raise PruneError(
+                    f"{argument}: {show(item)} is not a parameter or buffer of the model. Pass "
+                    f"the model's own parameter (e.g. model.fc.weight), or its name as a string."
+                )
+            out.append(tensor_ids[id(item)])
         elif isinstance(item, str):
             if item not in names and item not in modules:
                 close = sorted(n for n in modules | names if item.split(".")[-1] in n)[:5]
@@ -115,9 +144,58 @@ def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") ->
     return tuple(out)
 
 
+def ignore_alias(ignore: Any, ignored_layers: Any) -> tuple[Any, str]:
+    """``ignore=`` or its Torch-Pruning spelling ``ignored_layers=``: the value and its name.
+
+    Passing both is an error, raised before anything is traced.
+    """
+    if ignore is not None and ignored_layers is not None:
+        raise PruneError(
+            "ignored_layers= is another name for ignore=; pass one of them, not both "
+            "(e.g. ignore=[model.fc])."
+        )
+    if ignored_layers is not None:
+        return ignored_layers, "ignored_layers"
+    return ignore, "ignore"
+
+
+def ignore_spec(
+    model: nn.Module,
+    ignore: Any = None,
+    freeze_inputs: Any = None,
+    ignored_layers: Any = None,
+) -> IgnoreSpec:
+    """Resolve ``ignore=`` (or ``ignored_layers=``) and ``freeze_inputs=`` against ``model``.
+
+    Modules given to ``ignore=`` keep their output channels; parameters given to it, and
+    everything given to ``freeze_inputs=``, keep all their channels (see :class:`IgnoreSpec`).
+    """
+    value, argument = ignore_alias(ignore, ignored_layers)
+    given = ignored_prefixes(model, value, argument)
+    tensors = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    tensors |= {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    for name in given:
+        if name not in tensors and not _owns_tensors(model.get_submodule(name)):
+            logger.warning(
+                "%s: '%s' has no parameters, so no channels of its own: nothing is kept for it. "
+                "Name the layer that produces the channels to keep.",
+                argument,
+                name,
+            )
+    frozen = ignored_prefixes(model, freeze_inputs, "freeze_inputs")
+    return IgnoreSpec(
+        outputs=tuple(n for n in given if n not in tensors),
+        frozen=tuple(n for n in given if n in tensors) + frozen,
+    )
+
+
+def _owns_tensors(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
+
+
 def run_analysis(
     gm: fx.GraphModule,
-    ignore: tuple[str, ...] = (),
+    ignored: IgnoreSpec | None = None,
     head_mode: str = "auto",
     ctx: PassContext | None = None,
 ) -> tuple[list[PruneGroup], Any, PassContext]:
@@ -125,10 +203,12 @@ def run_analysis(
 
     if head_mode not in HEAD_MODES:
         raise PruneError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
+    ignored = ignored or IgnoreSpec()
     ctx = ctx or PassContext()
-    PassManager([PropagateChannelsPass(head_mode=head_mode, ignore=ignore), BuildGroupsPass()]).run(
-        gm, ctx
+    propagate = PropagateChannelsPass(
+        head_mode=head_mode, keep_outputs=ignored.outputs, freeze=ignored.frozen
     )
+    PassManager([propagate, BuildGroupsPass()]).run(gm, ctx)
     return ctx.results["groups"], ctx.results["channels"], ctx
 
 
@@ -138,11 +218,17 @@ def analyze(
     ignore: Iterable[Any] | None = None,
     frontend: str = "auto",
     head_mode: str = "auto",
+    *,
+    freeze_inputs: Iterable[Any] | None = None,
+    ignored_layers: Iterable[Any] | None = None,
     **trace_kwargs: Any,
 ) -> ChannelAnalysis:
     """Trace ``model`` and return its prune groups (the model is not modified).
 
-    ``ignore``: modules, module names or parameter names whose channels must stay.
+    ``ignore`` (alias ``ignored_layers``): modules whose output channels must stay (what
+    they read stays prunable), or parameters all of whose channels must stay.
+    ``freeze_inputs``: modules or parameters every channel of which must stay, the ones
+    they read included.
     ``head_mode``: how a split of channels into (heads, head_dim) is kept dense —
     ``"heads"`` prunes whole heads, ``"head_dim"`` the same dims in every head,
     ``"auto"`` keeps the finer of the two.
@@ -159,7 +245,7 @@ def analyze(
             **trace_kwargs,
         )
     )
-    prefixes = ignored_prefixes(model, ignore)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
     gm = trace(model, example_inputs, frontend=frontend, **trace_kwargs)
-    groups, env, _ = run_analysis(gm, prefixes, head_mode)
+    groups, env, _ = run_analysis(gm, ignored, head_mode)
     return ChannelAnalysis(gm, groups, env, gm.meta.get("fxprune.frontend", frontend))

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from fxprune import validate
-from fxprune.analysis import ignored_prefixes, run_analysis
+from fxprune.analysis import IgnoreSpec, ignore_alias, ignored_prefixes, run_analysis
 from fxprune.errors import VerificationError
 from fxprune.oracle import TOLERANCE, _outputs, max_error
 from fxprune.pass_infra import PassContext, PassManager
@@ -104,12 +104,16 @@ def sparsify(
     progress: bool | None = None,
     verify: bool = True,
     mask: bool = True,
+    *,
+    ignored_layers: Iterable[Any] | None = None,
 ) -> SparsifyResult:
     """N:M-sparsify every eligible conv/linear weight, permuting channels first.
 
     The model passed in is untouched unless ``inplace=True``. ``time_budget`` is the
     permutation search time per channel group, in seconds. ``mask=False`` stops after
-    the permutation: the result computes exactly what the original does.
+    the permutation: the result computes exactly what the original does. ``ignore``
+    (alias ``ignored_layers``): modules or parameters left as they are, neither sparsified
+    nor permuted (every channel they touch, read or produced, stays in place).
     """
     from fxprune.passes.nm_sparsity import NMSparsityPass, nm_layers
     from fxprune.passes.permute_channels import ChannelPermutationPass
@@ -142,13 +146,15 @@ def sparsify(
             "min_size", min_size, 0, "fewest weights of a sparsified layer", SparsityError
         )
     validate.eval_mode_for_export(model, frontend, verify and permute, SparsityError)
-    prefixes = ignored_prefixes(model, ignore)
+    prefixes = ignored_prefixes(model, *ignore_alias(ignore, ignored_layers))
     work = model if inplace else copy.deepcopy(model)
     gm = trace(work, example_inputs, frontend=frontend)
     validate.eval_mode_for_export(
         model, gm.meta.get("fxprune.frontend", frontend), verify and permute, SparsityError
     )
-    _, _, ctx = run_analysis(gm, prefixes, "auto", PassContext(example_inputs=example_inputs))
+    # An ignored layer is left as it is: not sparsified, and no channel it touches permuted.
+    ignored = IgnoreSpec(frozen=prefixes)
+    _, _, ctx = run_analysis(gm, ignored, "auto", PassContext(example_inputs=example_inputs))
     layers = nm_layers(gm, pattern, prefixes, min_size)
     ctx.results["nm_layers"] = layers
     ctx.results["nm_consumers"] = {x.param for x in layers if x.eligible}

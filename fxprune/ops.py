@@ -304,7 +304,9 @@ _SCALAR_FUNCS = {
 def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     """Classify ``node`` of ``gm`` into a :class:`CanonicalOp` (cached in ``node.meta``)."""
     cached = meta.get(node, meta.OP)
-    if cached is not None:
+    # A deep-copied graph shares node.meta shallowly: an op made for another node (and its
+    # module) is not this one's.
+    if cached is not None and cached.node is node:
         return cached
     op = _classify(node, gm)
     meta.put(node, meta.OP, op)

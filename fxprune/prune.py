@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune import meta, validate
-from fxprune.analysis import ignored_prefixes, run_analysis
+from fxprune.analysis import IgnoreSpec, ignore_spec, ignored_prefixes, run_analysis
 from fxprune.channels import Layout
 from fxprune.errors import PruneError
 from fxprune.oracle import GraphPlan
@@ -37,12 +37,13 @@ Kept = dict[str, dict[int, torch.Tensor]]
 class PlanStage:
     """One pruning step as data: enough to cut a fresh trace of the original the same way.
 
-    ``selection``: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}; ``group_sizes`` lets a
-    replay check that the model it is given has the same groups as the one pruned.
+    ``ignored``: what the user kept (module outputs, fully frozen names); it decides the
+    groups. ``selection``: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}; ``group_sizes``
+    lets a replay check that the model it is given has the same groups as the one pruned.
     """
 
     head_mode: str
-    ignore: tuple[str, ...]
+    ignored: IgnoreSpec
     selection: dict[int, torch.Tensor]
     group_sizes: dict[int, int]
 
@@ -82,6 +83,8 @@ def prune(
     inplace: bool = False,
     *,
     ratios: Mapping[Any, float] | None = None,
+    freeze_inputs: Iterable[Any] | None = None,
+    ignored_layers: Iterable[Any] | None = None,
     max_ratio: float = 0.9,
     min_channels: int = 1,
     head_mode: str | None = None,
@@ -103,6 +106,11 @@ def prune(
     kept count down, ``"pad"`` pads with zero channels up to the multiple.
     ``ratios``: per-module (or module/parameter name) overrides. ``target_macs``:
     prune until MACs reach this fraction of the original (replaces ``ratio``).
+    ``ignore`` (alias ``ignored_layers``, as in Torch-Pruning): modules whose own output
+    channels stay (``ignore=[model.fc]`` keeps the 1000 classes; the features fc reads are
+    pruned with the layers producing them), or parameter names, all of whose channels stay.
+    ``freeze_inputs``: modules or parameters every channel of which stays, the ones they
+    read included (``freeze_inputs=[model.fc]`` also keeps fc's in_features).
     ``verify``: run the correctness oracle (raises on a mismatch).
 
     ``model`` is left untouched, unless ``inplace=True``: then, once pruning has
@@ -114,7 +122,7 @@ def prune(
     # locals() here is exactly the arguments: all of them are checked before any copy or trace.
     validate.prune_arguments(locals())
     validate.eval_mode_for_export(model, frontend, verify)
-    prefixes = ignored_prefixes(model, ignore)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
     overrides = _override_names(model, ratios)
     work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
     gm = trace(
@@ -137,7 +145,7 @@ def prune(
         importance=importance,
         round_to=round_to,
         align=align,
-        prefixes=prefixes,
+        ignored=ignored,
         global_ranking=global_ranking,
         target_macs=target_macs,
         verify=verify,
@@ -239,7 +247,7 @@ def _prune_graph(
     importance: Any,
     round_to: int | str,
     align: str,
-    prefixes: tuple[str, ...],
+    ignored: IgnoreSpec,
     global_ranking: bool,
     target_macs: float | None,
     verify: bool,
@@ -252,7 +260,10 @@ def _prune_graph(
     grads: dict | None,
     instruments: Iterable[Instrument] = (),
     check: bool = False,
+    prior: Callable[[list], dict[str, Any]] | None = None,
 ) -> PruneResult:
+    """``prior(groups)``: what earlier steps did to the groups (Pruner), as extra
+    SelectionOptions fields (``original_sizes``, ``padding``)."""
     from fxprune.passes.importance import ImportancePass
     from fxprune.passes.select_channels import SelectChannelsPass, SelectionOptions
     from fxprune.passes.surgery import ChannelPlan, SurgeryPass
@@ -263,7 +274,7 @@ def _prune_graph(
     align_to = 1 if round_to == "heads" else int(round_to)
     frontend = gm.meta.get("fxprune.frontend", "fx")
     ctx = PassContext(example_inputs=example_inputs)
-    groups, env, ctx = run_analysis(gm, prefixes, head_mode, ctx)
+    groups, env, ctx = run_analysis(gm, ignored, head_mode, ctx)
     macs_before, params_before = graph_macs(gm), count_params(gm)
     original = copy.deepcopy(gm) if verify else None
     layouts = {n.name: meta.get(n, meta.LAYOUT) for n in gm.graph.nodes}
@@ -272,6 +283,8 @@ def _prune_graph(
         check=check,
         instruments=instruments,
     ).run(gm, ctx)
+
+    earlier = prior(groups) if prior is not None else {}
 
     def select(r: float) -> None:
         opts = SelectionOptions(
@@ -282,6 +295,7 @@ def _prune_graph(
             max_ratio=max_ratio,
             min_channels=min_channels,
             ratios=ratios,
+            **earlier,
         )
         SelectChannelsPass(opts).call(gm, ctx)
 
@@ -291,7 +305,7 @@ def _prune_graph(
         select(ratio)
     stage = PlanStage(
         head_mode,
-        tuple(prefixes),
+        ignored,
         {gid: sel.clone() for gid, sel in ctx.results["selection"].items()},
         {g.id: g.size for g in groups},
     )
@@ -332,7 +346,7 @@ def replay_stages(gm: fx.GraphModule, example_inputs: Any, stages: list[PlanStag
 
     for i, stage in enumerate(stages):
         ctx = PassContext(example_inputs=example_inputs)
-        groups, _, ctx = run_analysis(gm, stage.ignore, stage.head_mode, ctx)
+        groups, _, ctx = run_analysis(gm, stage.ignored, stage.head_mode, ctx)
         sizes = {g.id: g.size for g in groups}
         wrong = {
             gid: (n, sizes.get(gid)) for gid, n in stage.group_sizes.items() if sizes.get(gid) != n
@@ -426,13 +440,53 @@ def _compose(prev: Kept, new: Kept) -> Kept:
     return out
 
 
+def schedule_ratio(schedule: str | Callable, ratio: float, k: int, steps: int) -> float:
+    """The cumulative ratio after step ``k`` of ``steps`` (0 before the first step).
+
+    ``linear``: ``ratio * k / steps``. ``cubic`` (Zhu & Gupta 2017, "To prune, or not to
+    prune"): ``ratio * (1 - (1 - k/steps)**3)``, large steps first. ``exponential``: the
+    kept fraction decays geometrically, ``(1 - ratio) ** (k/steps)``, so every step removes
+    the same share of what is left. A callable ``fn(k, steps)`` returns the cumulative
+    ratio itself. Every named schedule ends exactly at ``ratio``.
+    """
+    if k <= 0:
+        return 0.0
+    if callable(schedule):
+        return float(schedule(k, steps))
+    if k >= steps:
+        return ratio
+    if schedule == "linear":
+        return ratio * k / steps
+    if schedule == "cubic":
+        return ratio * (1.0 - (1.0 - k / steps) ** 3)
+    if schedule == "exponential":
+        return 1.0 - (1.0 - ratio) ** (k / steps)
+    validate.schedule(schedule, ratio, steps)  # raises, naming the valid schedules
+    raise AssertionError(schedule)
+
+
 class Pruner:
     """Iterative pruning: ``steps`` prune / fine-tune rounds reaching ``ratio`` at the end.
 
-    Step ``i`` leaves ``1 - ratio * i / steps`` of each group's original channels. The
-    graph is traced once; later steps re-run the channel analysis on the pruned graph.
+    After step ``k`` every group keeps exactly what one-shot ``prune(ratio=r_k)`` would
+    keep of its *original* channels (same rounding, ``round_to`` and ``align``), where
+    ``r_k`` is the schedule's cumulative ratio (see :func:`schedule_ratio`): rounding never
+    compounds across steps. Per-module ``ratios=`` follow the same schedule. ``ratio=1.0``
+    is allowed here (not in one-shot ``prune``): the last step leaves ``min_channels``
+    (at least one ``round_to`` multiple) of every group, never none.
+
+    The graph is traced once; later steps re-run the channel analysis on the pruned graph,
+    and the channels kept at step k are a subset of those kept at step k-1. With
+    ``align="pad"`` the zero channels an earlier step added rank below every real
+    channel, so the next step drops them first. ``importance="taylor"`` scores the
+    current (fine-tuned) module at each step: with ``calibration`` batches (a list or a
+    DataLoader; a one-shot iterator is read into a list once) and ``loss_fn``, or, with
+    ``calibration=None``, from the ``.grad`` the user's own backward passes left on
+    ``pruner.module``'s parameters.
+
     Fine-tune ``pruner.module`` between steps. ``inplace=True``: ``model`` itself becomes
-    ``pruner.module`` (see :func:`prune`) and shrinks with every step.
+    ``pruner.module`` (see :func:`prune`) and shrinks with every step. ``history`` holds
+    each step's PruneReport, :meth:`summary` a table of the steps.
     """
 
     def __init__(
@@ -442,6 +496,8 @@ class Pruner:
         ratio: float = 0.5,
         steps: int = 1,
         inplace: bool = False,
+        *,
+        schedule: str | Callable[[int, int], float] = "linear",
         **kwargs: Any,
     ) -> None:
         validate.integer_at_least("steps", steps, 1, "prune / fine-tune rounds")
@@ -451,29 +507,50 @@ class Pruner:
                 "For a MACs target use fxprune.prune(model, x, target_macs=...)."
             )
         validate.known_options("Pruner(...)", kwargs, PRUNER_OPTIONS)
+        validate.number_in(
+            "ratio", ratio, 0.0, 1.0, "the fraction of each group's channels removed at the end"
+        )
+        validate.schedule(schedule, ratio, steps)
         validate.prune_arguments(
-            dict(model=model, example_inputs=example_inputs, ratio=ratio, inplace=inplace, **kwargs)
+            dict(model=model, example_inputs=example_inputs, inplace=inplace, **kwargs),
+            gradients_given=True,
         )
         # Unset options take prune()'s defaults, read from its signature so they never drift.
         self.options = {
             name: p.default for name, p in _PRUNE_PARAMS.items() if name in PRUNER_OPTIONS
         }
         self.options.update(kwargs)
+        if isinstance(self.options["calibration"], Iterator):  # read again at every step
+            self.options["calibration"] = list(self.options["calibration"])
         self.example_inputs = example_inputs
-        self.ratio, self.steps = ratio, steps
+        self.ratio, self.steps, self.schedule = ratio, steps, schedule
         self.step_index = 0
         self.kept: Kept = {}
         self.history: list[PruneReport] = []
         self.stages: list[PlanStage] = []
-        self.prefixes = ignored_prefixes(model, self.options.pop("ignore"))
+        self.ignored = ignore_spec(
+            model,
+            self.options.pop("ignore"),
+            self.options.pop("freeze_inputs", None),
+            self.options.pop("ignored_layers", None),
+        )
         self.ratios = _override_names(model, self.options.pop("ratios"))
+        leaf_modules = tuple(self.options.pop("leaf_modules"))
+        concrete_args = self.options.pop("concrete_args")
         self.module: nn.Module = trace(
             copy.deepcopy(model),
             example_inputs,
             frontend=self.options.pop("frontend"),
-            leaf_modules=tuple(self.options.pop("leaf_modules")),
-            concrete_args=self.options.pop("concrete_args"),
+            leaf_modules=leaf_modules,
+            concrete_args=concrete_args,
         )
+        self.trace_options = _trace_options(model, self.module, leaf_modules, concrete_args)
+        # (param, dim) -> the original size of the group each original position belongs
+        # to (-1: none); filled by the first step, which analyses the unpruned graph.
+        self._origin: dict[tuple[str, int], torch.Tensor] = {}
+        self._original_sizes: dict[int, int] = {}  # of the groups of the step being run
+        self._widths: list[dict[str, tuple[int, int]]] = []  # per step: source -> (kept, original)
+        self._ratios_done: list[float] = []
         if inplace:  # model becomes the traced module, which every step prunes in place
             self.module = _become(model, self.module)
 
@@ -481,34 +558,168 @@ class Pruner:
     def done(self) -> bool:
         return self.step_index >= self.steps
 
+    def cumulative_ratio(self, k: int) -> float:
+        """The fraction of each group's original channels removed after step ``k``."""
+        return schedule_ratio(self.schedule, self.ratio, k, self.steps)
+
     def step(self) -> PruneResult:
         if self.done:
             raise PruneError(f"all {self.steps} pruning steps are done.")
-        prev_keep = 1.0 - self.ratio * self.step_index / self.steps
-        self.step_index += 1
-        keep = 1.0 - self.ratio * self.step_index / self.steps
-        step_ratio = 1.0 - keep / prev_keep
+        k = self.step_index + 1
+        ratio = self.cumulative_ratio(k)
         opts = dict(self.options)
         calibration, loss_fn = opts.pop("calibration"), opts.pop("loss_fn")
-        grads = None
-        if opts["importance"] == "taylor":
-            from fxprune.passes.importance import taylor_grads
-
-            # gradients of the module as fine-tuned so far; fx keeps the parameter names
-            grads = taylor_grads(copy.deepcopy(self.module), calibration, loss_fn)
+        grads = self._gradients(k, calibration, loss_fn) if opts["importance"] == "taylor" else None
         res = _prune_graph(
             self.module,
             self.example_inputs,
-            ratio=step_ratio,
-            prefixes=self.prefixes,
+            ratio=ratio,
+            ignored=self.ignored,
             target_macs=None,
-            ratios=self.ratios,
+            ratios={name: self._override(r, k) for name, r in self.ratios.items()},
             grads=grads,
+            prior=self._prior,
             **opts,
         )
+        self.step_index = k
+        if not self._origin:
+            self._record_origin(res.groups)
+        self._widths.append(self._group_widths(res))
+        self._ratios_done.append(ratio)
         self.kept = _compose(self.kept, res.kept)
         self.stages.extend(res.stages)
         self.history.append(res.report)
         res.kept = self.kept
         res.stages = list(self.stages)
+        res.trace_options = dict(self.trace_options)
+        rep = res.report
+        logger.info(
+            "Pruner step %d/%d: cumulative ratio %.3f, MACs %.4g (%.2fx fewer than the "
+            "original), params %d; %s",
+            k,
+            self.steps,
+            ratio,
+            rep.macs_after,
+            self.history[0].macs_before / max(rep.macs_after, 1),
+            rep.params_after,
+            rep.verified,
+        )
         return res
+
+    def summary(self) -> str:
+        """A table of the steps so far: cumulative ratio, MACs, params and the widths
+        (kept/original channels) of the five largest groups."""
+        if not self.history:
+            return "no pruning step run yet"
+        first = self._widths[0]
+        largest = sorted(first, key=lambda s: -first[s][1])[:5]
+        rows = [("step", "ratio", "MACs", "params", *largest)]
+        rep0 = self.history[0]
+        rows.append(("0", "0.000", f"{rep0.macs_before:.4g}", f"{rep0.params_before}"))
+        rows[-1] += tuple(f"{first[s][1]}/{first[s][1]}" for s in largest)
+        for k, (rep, r) in enumerate(zip(self.history, self._ratios_done), 1):
+            widths = self._widths[k - 1]
+            cells = (f"{widths[s][0]}/{widths[s][1]}" if s in widths else "-" for s in largest)
+            rows.append(
+                (str(k), f"{r:.3f}", f"{rep.macs_after:.4g}", str(rep.params_after), *cells)
+            )
+        sizes = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(cell.rjust(n) for cell, n in zip(row, sizes)) for row in rows)
+
+    def _override(self, ratio: float, k: int) -> float:
+        """A per-module ratio after step k: the same schedule, ending at that ratio."""
+        if not callable(self.schedule):
+            return schedule_ratio(self.schedule, ratio, k, self.steps)
+        end = self.cumulative_ratio(self.steps)
+        return ratio * (self.cumulative_ratio(k) / end if end > 0 else k / self.steps)
+
+    def _gradients(self, k: int, calibration, loss_fn) -> dict[str, torch.Tensor]:
+        from fxprune.passes.importance import taylor_grads
+
+        if calibration is not None:
+            # gradients of the module as fine-tuned so far; fx keeps the parameter names
+            grads = taylor_grads(copy.deepcopy(self.module), calibration, loss_fn)
+            if not grads:
+                raise PruneError(
+                    f"importance='taylor': the calibration batches gave no gradients at step "
+                    f"{k} (no batches, or a loss that does not depend on the parameters)."
+                )
+            return grads
+        grads = {
+            name: p.grad.detach().clone()
+            for name, p in self.module.named_parameters()
+            if p.grad is not None
+        }
+        if not grads:
+            raise PruneError(
+                f"importance='taylor' with calibration=None scores the gradients already on "
+                f"pruner.module's parameters, but none has a .grad at step {k}: run "
+                f"loss.backward() on pruner.module's output before pruner.step() (pruning "
+                f"replaces the parameters, so after each step too), or pass "
+                f"calibration=batches and loss_fn=fn."
+            )
+        return grads
+
+    def _record_origin(self, groups: list) -> None:
+        for g in groups:
+            for m in g.members:
+                at = self._origin.setdefault(
+                    (m.param, m.dim), torch.full((len(m.index_map),), -1, dtype=torch.long)
+                )
+                at[m.index_map >= 0] = g.size
+
+    def _prior(self, groups: list) -> dict[str, Any]:
+        """Each prunable group's original size and its padding channels, traced back through
+        ``self.kept`` to the first step's groups."""
+        self._original_sizes = {}
+        if not self._origin:  # first step: the graph is the original
+            return {}
+        padding = {}
+        for g in groups:
+            if not g.prunable:
+                continue
+            found = self._trace_back(g)
+            if found is None:
+                logger.warning(
+                    "group %d (%s) has no counterpart in the original graph; its ratio "
+                    "applies to its current %d channels",
+                    g.id,
+                    g.source,
+                    g.size,
+                )
+                continue
+            self._original_sizes[g.id], pad = found
+            if pad.any():
+                padding[g.id] = pad
+        return {"original_sizes": dict(self._original_sizes), "padding": padding}
+
+    def _trace_back(self, g) -> tuple[int, torch.Tensor] | None:
+        """(original size, padding mask) of group ``g`` of the current graph, from its
+        source member first (any member with a known origin will do)."""
+        members = sorted(g.members, key=lambda m: (m.param, m.dim) != g.source)
+        for m in members:
+            sizes = self._origin.get((m.param, m.dim))
+            base = self.kept.get(m.param, {}).get(m.dim)
+            if sizes is None or (base is not None and len(base) != len(m.index_map)):
+                continue
+            pos = (m.index_map >= 0).nonzero().squeeze(1)
+            orig = base[pos] if base is not None else pos
+            known = sizes[orig[orig >= 0]]
+            known = known[known >= 0]
+            if not len(known):
+                continue
+            pad = torch.zeros(g.size, dtype=torch.bool)
+            pad[m.index_map[pos][orig < 0]] = True
+            return int(known.max()), pad
+        return None
+
+    def _group_widths(self, res: PruneResult) -> dict[str, tuple[int, int]]:
+        selection = res.stages[-1].selection
+        return {
+            f"{g.source[0]}[{g.source[1]}]": (
+                int((selection[g.id] > 0).sum()),
+                self._original_sizes.get(g.id, g.size),
+            )
+            for g in res.groups
+            if g.id in selection and g.source
+        }

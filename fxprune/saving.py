@@ -34,6 +34,7 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from fxprune._version import __version__
+from fxprune.analysis import IgnoreSpec
 from fxprune.errors import FxpruneError
 from fxprune.files import MANIFEST, ResultFolder, write_bytes_atomic
 from fxprune.prune import PlanStage, PruneResult, replay_stages
@@ -42,7 +43,9 @@ from fxprune.trace import ExampleInputs, trace
 logger = logging.getLogger(__name__)
 
 FORMAT = "fxprune-result"
-FORMAT_VERSION = 1
+# v2: a step stores ``ignore`` (modules whose output channels stay) and ``freeze`` (names
+# every channel of which stays); a v1 step's ``ignore`` froze every channel, and still does.
+FORMAT_VERSION = 2
 PLAN, WEIGHTS, INPUTS, KEPT = (
     "plan.json",
     "model.safetensors",
@@ -272,7 +275,7 @@ def _load_folder(folder: Path, model: nn.Module | None) -> nn.Module:
         leaf_modules=tuple(opts.get("leaf_modules", ())),
         concrete_args=opts.get("concrete_args") or None,
     )
-    stages = [_stage_from(s) for s in plan["stages"]]
+    stages = [_stage_from(s, plan.get("format_version", 1)) for s in plan["stages"]]
     replay_stages(gm, inputs, stages)
     state = _read_tensors(folder / WEIGHTS)
     for alias, name in plan.get("aliases", {}).items():
@@ -283,8 +286,7 @@ def _load_folder(folder: Path, model: nn.Module | None) -> nn.Module:
         raise SaveError(
             f"{folder / WEIGHTS} does not fit the rebuilt module: {str(exc).splitlines()[0]}"
         ) from None
-    if plan["trace"]["frontend"] != "export":  # torch.export modules refuse train()/eval()
-        gm.train(plan.get("training", False))
+    gm.train(plan.get("training", False))  # export graphs switch too (fxprune.graph_modes)
     return gm
 
 
@@ -380,22 +382,27 @@ def _plan_json(result: PruneResult, model_spec: str | None) -> str:
 def _stage_json(stage: PlanStage) -> dict[str, Any]:
     return {
         "head_mode": stage.head_mode,
-        "ignore": list(stage.ignore),
+        "ignore": list(stage.ignored.outputs),
+        "freeze": list(stage.ignored.frozen),
         "group_sizes": {str(g): n for g, n in stage.group_sizes.items()},
         # keep / pad / drop per channel, as a compact string of digits 1 / 2 / 0
         "selection": {str(g): "".join(map(str, s.tolist())) for g, s in stage.selection.items()},
     }
 
 
-def _stage_from(data: dict[str, Any]) -> PlanStage:
+def _stage_from(data: dict[str, Any], version: int = FORMAT_VERSION) -> PlanStage:
     try:
+        if version < 2:  # v1's ignore froze every channel the names touch
+            ignored = IgnoreSpec(frozen=tuple(data["ignore"]))
+        else:
+            ignored = IgnoreSpec(tuple(data["ignore"]), tuple(data["freeze"]))
         selection = {
             int(g): torch.tensor([int(c) for c in s], dtype=torch.int8)
             for g, s in data["selection"].items()
         }
         return PlanStage(
             data["head_mode"],
-            tuple(data["ignore"]),
+            ignored,
             selection,
             {int(g): int(n) for g, n in data["group_sizes"].items()},
         )

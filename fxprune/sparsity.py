@@ -520,6 +520,27 @@ def _block_groups(c: int, rows: int, m: int, time_budget: float) -> int:
     return max(2, min(c // m, 32 // m))
 
 
+def _search_arguments(weight, pattern, time_budget, seed, progress, max_steps) -> NMPattern:
+    """Check :func:`search_permutation`'s arguments; returns the parsed pattern."""
+    pat = parse_pattern(pattern)
+    _check_tensor("weight", weight)
+    _check_weight(weight, pat)
+    validate.number_in(
+        "time_budget",
+        time_budget,
+        0.0,
+        math.inf,
+        "seconds of search",
+        low_open=True,
+        error=SparsityError,
+    )
+    validate.integer_at_least("seed", seed, 0, error=SparsityError)
+    validate.boolean("progress", progress, SparsityError)
+    if max_steps is not None:
+        validate.integer_at_least("max_steps", max_steps, 1, "swap steps", SparsityError)
+    return pat
+
+
 def search_permutation(
     weight: torch.Tensor,
     pattern: str | tuple[int, int] | NMPattern = "2:4",
@@ -544,22 +565,7 @@ def search_permutation(
     a loaded machine. When the clock stops it, the answer is the best order found
     so far, never worse than the identity.
     """
-    pat = parse_pattern(pattern)
-    _check_tensor("weight", weight)
-    _check_weight(weight, pat)
-    validate.number_in(
-        "time_budget",
-        time_budget,
-        0.0,
-        math.inf,
-        "seconds of search",
-        low_open=True,
-        error=SparsityError,
-    )
-    validate.integer_at_least("seed", seed, 0, error=SparsityError)
-    validate.boolean("progress", progress, SparsityError)
-    if max_steps is not None:
-        validate.integer_at_least("max_steps", max_steps, 1, "swap steps", SparsityError)
+    pat = _search_arguments(weight, pattern, time_budget, seed, progress, max_steps)
     start_time = time.perf_counter()
     n, m = pat.n, pat.m
     colmat = _column_matrix(weight)

@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 
 from fxprune.errors import TraceError
+from fxprune.graph_modes import graph_mode, in_mode, make_switchable, record_modes
 
 logger = logging.getLogger(__name__)
 
@@ -399,17 +401,28 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
             functions[fn_cls] = None
         return apply(*args, **kwargs)
 
+    mode = graph_mode(model)
+    others: dict[bool, fx.GraphModule | BaseException] = {}
     with _function_apply_replaced(record), state_preserved(model):
-        try:
-            ep = torch.export.export(
-                model,
-                inputs.args,
-                inputs.kwargs or None,
-                strict=False,
-                dynamic_shapes=_auto_dynamic(model, inputs),
-            )
-        except Exception:
-            ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
+        gm, example, dynamic = _export_dynamic_batch(model, inputs)
+        # The other mode's graph, exported the same way: its mode arguments (dropout's
+        # train flag, attention dropout p, batch_norm's training) let the result switch.
+        for training in (True, False):
+            if training is mode:
+                continue
+            try:
+                with in_mode(model, training):
+                    other = torch.export.export(
+                        model,
+                        example.args,
+                        example.kwargs or None,
+                        strict=False,
+                        dynamic_shapes=dynamic,
+                    ).module()
+                inline_grad_mode_regions(other)
+                others[training] = other
+            except Exception as exc:
+                others[training] = exc
     if functions:
         # torch.export inlines a Function's forward and drops its backward: the pruned model
         # would compute the same outputs but train with different gradients.
@@ -419,11 +432,98 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
             f"inlines (their backward would be lost, so fine-tuning the pruned model would use "
             f"wrong gradients). Use frontend='fx', which keeps each one as a single op."
         )
-    gm = ep.module()
     inline_grad_mode_regions(gm)
-    # Record concrete shapes of the example (export's own metadata may be symbolic).
+    record_modes(gm, {mode: gm, **others} if mode is not None else others)
+    make_switchable(gm, model.training if mode is None else mode)
+    # Record concrete shapes of the example (export's own metadata may be symbolic, or
+    # for the batch-2 copy of the example the graph was exported with).
     propagate_shapes(gm, flat_inputs(gm, inputs))
     return gm
+
+
+def _export_dynamic_batch(
+    model: nn.Module, inputs: ExampleInputs
+) -> tuple[fx.GraphModule, ExampleInputs, Any]:
+    """``ep.module()`` of ``model`` exported with batch (and token sequence) dims dynamic where the model allows.
+
+    torch.export specializes a size-1 dim to the constant 1 (its "0/1 specialization"), so
+    a batch-1 example would lock the graph to batch 1: export with the example repeated to
+    batch 2 instead. Code that branches on the batch size (``if x.shape[0] > 1``) would then
+    take the batch-2 branch at batch 1 without failing a guard, so the graph must give the
+    model's own outputs on the user's example; otherwise, and when the model fixes its
+    batch, the graph is the example's (logged). Returns the graph, the example it was
+    exported with and its dynamic shapes, for exporting the other mode the same way.
+    """
+    doubled = _batch_of_two(inputs)
+    attempts = [doubled, inputs] if doubled is not None else [inputs]
+    for example in attempts:
+        dynamic = _auto_dynamic(model, example)
+        try:
+            gm = torch.export.export(
+                model, example.args, example.kwargs or None, strict=False, dynamic_shapes=dynamic
+            ).module()
+        except Exception as exc:
+            logger.info("torch.export with dynamic batch failed (%s)", _one_line(exc))
+            continue
+        if example is doubled and not _same_outputs(model, gm, inputs):
+            logger.warning(
+                "%s: the graph exported at batch 2 does not reproduce the model at batch 1 "
+                "(it branches on the batch size?); the traced graph takes batch 1 only.",
+                type(model).__name__,
+            )
+            continue
+        return gm, example, dynamic
+    logger.warning(
+        "%s: torch.export could not keep the batch dim dynamic; the traced graph takes the "
+        "example's shapes only.",
+        type(model).__name__,
+    )
+    ep = torch.export.export(model, inputs.args, inputs.kwargs or None, strict=False)
+    return ep.module(), inputs, None
+
+
+def _batch_of_two(inputs: ExampleInputs) -> ExampleInputs | None:
+    """The example with every batch-1 tensor repeated to batch 2 (None: there is none)."""
+    leaves = pytree.tree_leaves((inputs.args, inputs.kwargs))
+    if not any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1 for t in leaves):
+        return None
+
+    def two(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1:
+            return torch.cat([t, t])
+        return t
+
+    return ExampleInputs(pytree.tree_map(two, inputs.args), pytree.tree_map(two, inputs.kwargs))
+
+
+def _same_outputs(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs) -> bool:
+    """``gm`` gives ``model``'s outputs on ``inputs`` (same random draws for both)."""
+    outputs = []
+    for module in (model, gm):
+        with torch.no_grad(), state_preserved(module):
+            torch.manual_seed(0)
+            try:
+                outputs.append(pytree.tree_leaves(inputs.call(module)))
+            except Exception as exc:
+                logger.info("the batch-2 graph fails on the example (%s)", _one_line(exc))
+                return False
+    want, got = outputs
+    if len(want) != len(got):
+        return False
+    for a, b in zip(want, got):
+        if not isinstance(a, torch.Tensor):
+            if a != b:
+                return False
+            continue
+        if not isinstance(b, torch.Tensor) or a.shape != b.shape or a.dtype != b.dtype:
+            return False
+        if a.is_floating_point() or a.is_complex():
+            scale = a.abs().max().item() if a.numel() else 0.0
+            if not torch.allclose(a, b, rtol=1e-4, atol=1e-5 * max(1.0, scale), equal_nan=True):
+                return False
+        elif not torch.equal(a, b):
+            return False
+    return True
 
 
 def _auto_dynamic(model: nn.Module, inputs: ExampleInputs) -> Any:

@@ -38,6 +38,7 @@ HEAD_MODES = ("auto", "heads", "head_dim")
 ALIGNS = ("round", "pad")
 REDUCTIONS = ("mean", "sum", "max")
 NORMALIZATIONS = ("mean", "max", "sum", "standardization", "none")
+SCHEDULES = ("linear", "cubic", "exponential")  # Pruner: cumulative ratio after step k of N
 
 TENSOR_HINT = "pass a tensor, e.g. torch.randn(1, 3, 224, 224)"
 
@@ -206,11 +207,13 @@ def _check_optional(
         check(name, value, *args, **kw)
 
 
-def prune_arguments(args: Mapping[str, Any]) -> None:
+def prune_arguments(args: Mapping[str, Any], *, gradients_given: bool = False) -> None:
     """Check the arguments of ``fxprune.prune`` (also ``Pruner`` and ``analyze``) present in ``args``.
 
-    ``ignore=`` and the keys of ``ratios=`` need the model and are checked by
-    :func:`fxprune.analysis.ignored_prefixes`.
+    ``ignore=`` (or ``ignored_layers=``), ``freeze_inputs=`` and the keys of ``ratios=``
+    need the model and are checked by :func:`fxprune.analysis.ignore_spec`. ``gradients_given``: importance='taylor'
+    may take the gradients already on the parameters instead of calibration batches
+    (``Pruner``, whose user runs backward passes between steps).
     """
     checks: dict[str, Callable[[Any], None]] = {
         "model": lambda v: module("model", v),
@@ -280,7 +283,11 @@ def prune_arguments(args: Mapping[str, Any]) -> None:
             concrete if isinstance(concrete, Mapping) else None,
         )
     calibration, loss_fn = args.get("calibration"), args.get("loss_fn")
-    if args.get("importance") == "taylor" and (calibration is None or loss_fn is None):
+    if (
+        args.get("importance") == "taylor"
+        and (calibration is None or loss_fn is None)
+        and not (gradients_given and calibration is None)
+    ):
         raise PruneError(
             "importance='taylor' needs calibration batches and a loss function: "
             "prune(..., calibration=batches, loss_fn=lambda out, batch: ...)."
@@ -292,6 +299,47 @@ def prune_arguments(args: Mapping[str, Any]) -> None:
         )
     if calibration is not None and not isinstance(calibration, Iterable):
         fail(PruneError, "calibration", "an iterable of input batches", calibration)
+
+
+def schedule(value: Any, ratio: Any, steps: int) -> None:
+    """A Pruner schedule: a name from SCHEDULES or ``fn(k, steps) -> cumulative ratio``.
+
+    A callable is called for every step here, so a bad value fails before tracing: each
+    must be in [0, 1] and none may be below the one before (pruned channels cannot
+    come back).
+    """
+    if callable(value) and not isinstance(value, str):
+        last = 0.0
+        for k in range(1, steps + 1):
+            try:
+                r = value(k, steps)
+            except Exception as exc:
+                raise PruneError(
+                    f"schedule({k}, {steps}) raised {type(exc).__name__}: {exc}. A schedule "
+                    f"is fn(step, steps) -> the cumulative ratio after that step."
+                ) from exc
+            number_in(f"schedule({k}, {steps})", r, 0.0, 1.0, "the cumulative ratio")
+            if r < last:
+                fail(
+                    PruneError,
+                    f"schedule({k}, {steps})",
+                    f">= schedule({k - 1}, {steps}) = {last:g} (a cumulative ratio: "
+                    f"channels pruned at an earlier step cannot come back)",
+                    r,
+                )
+            last = r
+        return
+    requirement = f"one of {', '.join(repr(c) for c in SCHEDULES)} or fn(step, steps) -> ratio"
+    if not isinstance(value, str) or value not in SCHEDULES:
+        close = difflib.get_close_matches(value, SCHEDULES, n=1) if isinstance(value, str) else []
+        hint = f"Did you mean {close[0]!r}?" if close else ""
+        fail(PruneError, "schedule", requirement, value, hint)
+    if value == "exponential" and is_number(ratio) and ratio >= 1:
+        raise PruneError(
+            "schedule='exponential' shrinks the kept fraction geometrically towards "
+            "1 - ratio, which never reaches 0: use ratio < 1 (e.g. 0.99), or "
+            "schedule='linear' / 'cubic' to end at ratio=1.0 (min_channels per group)."
+        )
 
 
 def _round_to(value: Any) -> None:

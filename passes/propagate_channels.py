@@ -41,9 +41,15 @@ class PropagateChannelsPass(Pass):
 
     provides = (meta.OP, meta.LAYOUT)
 
-    def __init__(self, head_mode: str = "auto", ignore: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        head_mode: str = "auto",
+        keep_outputs: tuple[str, ...] = (),
+        freeze: tuple[str, ...] = (),
+    ) -> None:
         self.head_mode = head_mode
-        self.ignore = tuple(ignore)
+        self.keep_outputs = tuple(keep_outputs)  # module prefixes: their output channels stay
+        self.freeze = tuple(freeze)  # module or parameter prefixes: every channel stays
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         env = ChannelEnv(gm, head_mode=self.head_mode, param_alias=param_aliases(gm))
@@ -69,7 +75,33 @@ class PropagateChannelsPass(Pass):
         return PassResult(gm, False)
 
     def _freeze_ignored(self, env: ChannelEnv) -> None:
-        for (fqn, _dim), atoms in env.param_atoms.items():
-            for prefix in self.ignore:
-                if fqn == prefix or fqn.startswith(prefix + "."):
-                    env.table.freeze(atoms, f"ignored by the user ({prefix})")
+        """Freeze what the user keeps, once every relation is known.
+
+        A kept module's output channels are the dims its parameters are the *source* of
+        (conv/linear rows, a transposed conv's dim 1, embedding dims); a parameter that is
+        the source of no dim carries channels it reads and passes on (norm affine and
+        statistics, biases, depthwise rows tied to their input, PReLU), all of them kept.
+        Dims that only read (a linear's input columns) stay prunable with their producer.
+        """
+        names: dict[str, list[str]] = {}  # canonical parameter -> every name it has
+        for alias, first in env.param_alias.items():
+            names.setdefault(first, [first]).append(alias)
+        sources = {fqn for (fqn, _), src in env.param_source.items() if src}
+        for (fqn, dim), atoms in env.param_atoms.items():
+            known = names.get(fqn, [fqn])
+            prefix = _first_under(known, self.freeze)
+            if prefix is not None:
+                env.table.freeze(atoms, f"frozen by the user ({prefix})")
+                continue
+            prefix = _first_under(known, self.keep_outputs)
+            if prefix is not None and (env.param_source.get((fqn, dim)) or fqn not in sources):
+                env.table.freeze(atoms, f"ignored by the user ({prefix}: its output channels)")
+
+
+def _first_under(names: list[str], prefixes: tuple[str, ...]) -> str | None:
+    """The first prefix that names one of ``names`` or a module holding it ("" is the model)."""
+    for prefix in prefixes:
+        for name in names:
+            if not prefix or name == prefix or name.startswith(prefix + "."):
+                return prefix
+    return None

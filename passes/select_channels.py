@@ -9,6 +9,14 @@ kept count down, ``align="pad"`` keeps the chosen channels and adds zeroed chann
 (the next best ones, all their parameters set to zero) up to the multiple, so
 alignment never changes what the model computes.
 
+Iterative pruning (``fxprune.Pruner``) passes ``original_sizes``: each group's size
+before the first step. The ratio is then cumulative and counts are taken on the
+original size with the same rounding as one-shot pruning, so step k leaves exactly
+what ``prune(ratio=r_k)`` would (rounding never compounds), clamped to the channels
+still there. ``padding`` marks the zero channels an earlier ``align="pad"`` step
+added: they rank below every real channel, so a later step drops them first and
+fills its own padding, as one-shot does, with the next best real channels (zeroed).
+
 Writes ``ctx.results["selection"]``: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}.
 """
 
@@ -18,6 +26,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.fx as fx
 
@@ -40,12 +49,18 @@ class SelectionOptions:
     max_ratio: float = 0.9
     min_channels: int = 1
     ratios: dict[str, float] = field(default_factory=dict)
+    # Iterative pruning: {group id: channels before the first step}; ratio is cumulative.
+    original_sizes: dict[int, int] = field(default_factory=dict)
+    # {group id: bool per channel}: zero channels an earlier align="pad" step added.
+    padding: dict[int, torch.Tensor] = field(default_factory=dict)
 
     def validate(self) -> None:
+        # ratio=1 is allowed here: an iterative schedule ends there, and _aligned keeps
+        # min_channels (at least one alignment step) of every group.
+        validate.number_in("ratio", self.ratio, 0.0, 1.0, "the fraction of channels to remove")
         # the same checks and messages as fxprune.prune's own arguments
         validate.prune_arguments(
             dict(
-                ratio=self.ratio,
                 align=self.align,
                 global_ranking=self.global_ranking,
                 max_ratio=self.max_ratio,
@@ -64,6 +79,11 @@ def group_ratio(g: PruneGroup, opts: SelectionOptions) -> float:
         if (src == name or src.startswith(name + ".")) and len(name) > best_len:
             best, best_len = r, len(name)
     return best
+
+
+def removed_count(size: int, ratio: float) -> int:
+    """Channels a uniform ``ratio`` removes from ``size`` before alignment (rounded down)."""
+    return int(size * ratio)
 
 
 def align_step(g: PruneGroup, round_to: int) -> int:
@@ -91,17 +111,27 @@ class SelectChannelsPass(Pass):
                 f"round_to={opts.round_to} is larger than every prunable group (the "
                 f"largest has {biggest} channels); use a smaller round_to."
             )
+        original = {g.id: opts.original_sizes.get(g.id, g.size) for g in prunable}
         targets = (
             self._global_counts(prunable, scores)
             if opts.global_ranking
-            else {g.id: g.size - int(g.size * group_ratio(g, opts)) for g in prunable}
+            else {
+                g.id: original[g.id] - removed_count(original[g.id], group_ratio(g, opts))
+                for g in prunable
+            }
         )
         selection, notes = {}, {}
         for g in prunable:
-            keep, pad, note = self._aligned(g, targets[g.id])
+            keep, pad, note = self._aligned(g, targets[g.id], original[g.id])
+            real = g.size - self._padding(g).sum().item()
+            if keep > real or keep + pad > g.size:
+                # A schedule that goes back, or channels kept so that no tensor is empty:
+                # fewer channels are left than the original count asks for.
+                keep, pad, note = self._aligned(g, min(keep, real))
             if note:
                 notes[g.id] = note
-            order = torch.argsort(scores[g.id], descending=True, stable=True)
+            ranked = scores[g.id].masked_fill(self._padding(g), -math.inf)
+            order = torch.argsort(ranked, descending=True, stable=True)
             state = torch.zeros(g.size, dtype=torch.int8)
             state[order[:keep]] = KEEP
             state[order[keep : keep + pad]] = PAD
@@ -127,38 +157,48 @@ class SelectChannelsPass(Pass):
         env = ctx.results.get("channels")
         if env is None:
             return
-        where: dict[int, tuple[int, int]] = {}
+        # State of every channel class (-1: not in a selected group), dense for fast checks.
+        state = np.full(env.table.size, -1, dtype=np.int8)
+        owner = np.zeros(env.table.size, dtype=np.int64)
+        index = np.zeros(env.table.size, dtype=np.int64)
         for g in groups:
             if g.id in selection:
-                for i, c in enumerate(g.classes.tolist()):
-                    where[c] = (g.id, i)
+                cls = np.asarray(g.classes, dtype=np.int64)
+                state[cls] = selection[g.id].numpy()
+                owner[cls], index[cls] = g.id, np.arange(len(cls))
         for node in gm.graph.nodes:
             lays = meta.get(node, meta.LAYOUT)
             for lay in lays if isinstance(lays, list) else [lays]:
                 if not isinstance(lay, Layout) or lay.channel_dim() is None:
                     continue
-                classes = [c for c in env.table.find(lay.atoms).ravel().tolist()]
-                if any(c < 0 or c not in where for c in classes):
+                classes = np.asarray(env.table.find(lay.atoms)).ravel()
+                if (classes < 0).any() or (state[classes] < 0).any() or state[classes].any():
                     continue
-                states = [int(selection[where[c][0]][where[c][1]]) for c in classes]
-                if any(states):
-                    continue
-                best = max(set(classes), key=lambda c: float(scores[where[c][0]][where[c][1]]))
-                gid, i = where[best]
+                best = max(np.unique(classes), key=lambda c: float(scores[owner[c]][index[c]]))
+                gid, i = int(owner[best]), int(index[best])
                 selection[gid][i] = KEEP
+                state[best] = KEEP
                 notes[gid] = "kept a channel so that no tensor becomes empty"
+
+    def _padding(self, g: PruneGroup) -> torch.Tensor:
+        pad = self.opts.padding.get(g.id)
+        return pad if pad is not None else torch.zeros(g.size, dtype=torch.bool)
 
     def _global_counts(
         self, groups: list[PruneGroup], scores: dict[int, torch.Tensor]
     ) -> dict[int, int]:
+        """Real channels to keep per group; budget and caps count on the original sizes."""
         opts = self.opts
-        pool = torch.cat([scores[g.id] for g in groups]) if groups else torch.zeros(0)
-        owner = (
-            torch.cat([torch.full((g.size,), i) for i, g in enumerate(groups)]) if groups else pool
-        )
-        n_prune = int(len(pool) * opts.ratio)
+        if not groups:
+            return {}
+        real = [~self._padding(g) for g in groups]
+        original = [opts.original_sizes.get(g.id, g.size) for g in groups]
+        gone = [n - int(r.sum()) for n, r in zip(original, real)]  # removed by earlier steps
+        pool = torch.cat([scores[g.id][r] for g, r in zip(groups, real)])
+        owner = torch.cat([torch.full((int(r.sum()),), i) for i, r in enumerate(real)])
+        n_prune = int(sum(original) * opts.ratio) - sum(gone)
         pruned = [0] * len(groups)
-        caps = [int(g.size * opts.max_ratio) for g in groups]
+        caps = [int(n * opts.max_ratio) - d for n, d in zip(original, gone)]
         for idx in torch.argsort(pool, stable=True).tolist():
             if n_prune <= 0:
                 break
@@ -166,21 +206,25 @@ class SelectChannelsPass(Pass):
             if pruned[gi] < caps[gi]:
                 pruned[gi] += 1
                 n_prune -= 1
-        return {g.id: g.size - pruned[i] for i, g in enumerate(groups)}
+        return {g.id: int(r.sum()) - pruned[i] for i, (g, r) in enumerate(zip(groups, real))}
 
-    def _aligned(self, g: PruneGroup, keep: int) -> tuple[int, int, str | None]:
+    def _aligned(
+        self, g: PruneGroup, keep: int, size: int | None = None
+    ) -> tuple[int, int, str | None]:
+        """(kept, padding, note) for ``keep`` wanted channels of a group of ``size``."""
         opts = self.opts
-        keep = max(keep, min(opts.min_channels, g.size), 1)
+        size = g.size if size is None else size
+        keep = max(keep, min(opts.min_channels, size), 1)
         step = align_step(g, opts.round_to)
         if step <= 1:
             return keep, 0, None
-        if g.size < step:
-            return g.size, 0, f"kept whole: {g.size * g.units} positions < round_to={opts.round_to}"
+        if size < step:
+            return size, 0, f"kept whole: {size * g.units} positions < round_to={opts.round_to}"
         if keep % step == 0:
             return keep, 0, None
         if opts.align == "pad":
-            target = min(g.size, math.ceil(keep / step) * step)
+            target = min(size, math.ceil(keep / step) * step)
             if target % step:
-                return g.size, 0, "kept whole: cannot pad to round_to within the group"
+                return size, 0, "kept whole: cannot pad to round_to within the group"
             return keep, target - keep, None
         return max(step, (keep // step) * step), 0, None

@@ -91,6 +91,24 @@ def _bench(**kw):
 BAD_INPUTS = [
     ("ignore a number", _prune(ignore=42), PruneError, ["ignore", "42"]),
     ("ignore unknown name", _prune(ignore="fcc"), PruneError, ["ignore", "'fcc'", "fc"]),
+    (
+        "ignore and its alias",
+        _prune(ignore="fc", ignored_layers="fc"),
+        PruneError,
+        ["ignored_layers=", "ignore="],
+    ),
+    (
+        "ignored_layers unknown name",
+        _prune(ignored_layers=["fcc"]),
+        PruneError,
+        ["ignored_layers", "'fcc'", "fc"],
+    ),
+    (
+        "freeze_inputs unknown name",
+        _prune(freeze_inputs="fcc"),
+        PruneError,
+        ["freeze_inputs", "'fcc'", "fc"],
+    ),
     ("importance number", _prune(importance=42), PruneError, ["importance", "42", "'l2'"]),
     ("importance None", _prune(importance=None), PruneError, ["importance", "None", "fpgm"]),
     ("importance typo", _prune(importance="L2 "), PruneError, ["importance", "'L2 '"]),
