@@ -47,11 +47,20 @@ class ExampleInputs:
             return cls((example_inputs,), {})
         if isinstance(example_inputs, Mapping):
             return cls((), dict(example_inputs))
-        if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
+        requirement = "a tensor, a tuple/list of positional inputs or a dict of keyword inputs"
+        hint = "pass a tensor, e.g. torch.randn(1, 3, 224, 224)"
+        if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, (str, bytes)):
+            if example_inputs and all(
+                isinstance(v, int) and not isinstance(v, bool) for v in example_inputs
+            ):  # (1, 3, 224, 224): the input's shape rather than the input
+                raise TraceError(
+                    f"example_inputs must be {requirement}, got {tuple(example_inputs)!r}. "
+                    f"This looks like a shape: {hint}."
+                )
             return cls(tuple(example_inputs), {})
         raise TraceError(
-            f"example_inputs must be a tensor, a tuple/list of inputs or a dict of keyword "
-            f"inputs, got {type(example_inputs).__name__}."
+            f"example_inputs must be {requirement}, got {type(example_inputs).__name__}. "
+            f"For a single input {hint}."
         )
 
     def call(self, module: nn.Module) -> Any:

@@ -134,22 +134,17 @@ def module(name: str, value: Any, error: ErrorType = PruneError) -> None:
 
 
 def example_inputs(value: Any, error: ErrorType = TraceError) -> None:
-    """A tensor, a tuple/list of positional inputs or a dict of keyword inputs."""
-    requirement = "a tensor, a tuple/list of positional inputs or a dict of keyword inputs"
-    if isinstance(value, (torch.Tensor, Mapping)):
-        return
-    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
-        if value and all(isinstance(v, numbers.Integral) for v in value):
-            # (1, 3, 224, 224): the shape of the input rather than the input itself
-            fail(
-                error,
-                "example_inputs",
-                requirement,
-                value,
-                f"This looks like a shape: {TENSOR_HINT}.",
-            )
-        return
-    fail(error, "example_inputs", requirement, value, f"For a single input {TENSOR_HINT}.")
+    """A tensor, a tuple/list of positional inputs or a dict of keyword inputs.
+
+    The rule (and its message, e.g. for a shape tuple passed instead of a tensor) is
+    ``ExampleInputs.of``'s, which every frontend uses too; ``error`` is the type raised.
+    """
+    try:
+        ExampleInputs.of(value)
+    except TraceError as exc:
+        if error is TraceError:
+            raise
+        raise error(str(exc)) from None
 
 
 def importance(value: Any, error: ErrorType = PruneError) -> None:

@@ -82,8 +82,13 @@ def group_ratio(g: PruneGroup, opts: SelectionOptions) -> float:
 
 
 def removed_count(size: int, ratio: float) -> int:
-    """Channels a uniform ``ratio`` removes from ``size`` before alignment (rounded down)."""
-    return int(size * ratio)
+    """Channels a uniform ``ratio`` removes from ``size`` before alignment.
+
+    The kept count is rounded down, ``floor(size * (1 - ratio))``, as Torch-Pruning does, so
+    a ratio never keeps more than asked (the epsilon absorbs float error: 70 * 0.7 is
+    48.99999999999999).
+    """
+    return size - math.floor(size * (1.0 - ratio) + 1e-9)
 
 
 def align_step(g: PruneGroup, round_to: int) -> int:

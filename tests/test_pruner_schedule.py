@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import importlib
 import logging
+import math
 
 import pytest
 import torch
@@ -62,7 +63,8 @@ def test_every_step_keeps_what_one_shot_keeps_at_the_cumulative_ratio(name, roun
         previous = {p: dict(d) for p, d in res.kept.items()}
 
 
-@pytest.mark.parametrize("round_to, steps_done, expected", [(8, 5, 24), (2, 15, 8), (1, 19, 2)])
+# kept = floor(32 * (1 - r_k)), then rounded down to the multiple: 24, 8 and floor(1.6) = 1
+@pytest.mark.parametrize("round_to, steps_done, expected", [(8, 5, 24), (2, 15, 8), (1, 19, 1)])
 def test_rounding_does_not_compound_over_many_small_steps(round_to, steps_done, expected):
     model, x = MODELS["residual"]  # conv1 has 32 channels
     pruner = fxprune.Pruner(model, x, ratio=0.95, steps=19, round_to=round_to, verify=False)
@@ -81,7 +83,7 @@ def test_resnet18_steps_match_one_shot_with_padding():
         assert_matches_one_shot(model, x, res, pruner.cumulative_ratio(k), **options)
     assert (
         pruner.module.get_submodule("layer4.0.conv1").out_channels == 56
-    )  # 512 - int(512 * 0.9) = 52, padded
+    )  # floor(512 * 0.1) = 51, padded to the multiple of 8
     fxprune.verify(model, res, x)
 
 
@@ -123,7 +125,7 @@ def test_schedules_reach_the_final_ratio():
             ratios.append(pruner.cumulative_ratio(pruner.step_index))
         assert ratios == sorted(ratios) and ratios[-1] == pytest.approx(0.8)
         assert_matches_one_shot(model, x, res, 0.8)
-        assert pruner.module.conv1.out_channels == 32 - int(32 * 0.8)
+        assert pruner.module.conv1.out_channels == math.floor(32 * (1 - 0.8) + 1e-9)
 
 
 @pytest.mark.parametrize(
