@@ -130,9 +130,12 @@ def _keep_mask(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     return mask
 
 
-def masked_original(original: nn.Module, kept: Kept) -> nn.Module:
-    """A copy of ``original`` in eval mode, every coordinate not in ``kept`` set to zero."""
-    m = copy.deepcopy(original)
+def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) -> nn.Module:
+    """A copy of ``original`` in eval mode, every coordinate not in ``kept`` set to zero.
+
+    ``in_place=True`` masks ``original`` itself: only for a private copy nobody else uses.
+    """
+    m = original if in_place else copy.deepcopy(original)
     _eval(m)
     with torch.no_grad():
         for fqn, dims in kept.items():
@@ -271,13 +274,16 @@ def check(
     *,
     inexact: str | None = None,
     locate: Locate | None = None,
+    original_is_private: bool = False,
 ) -> VerificationReport:
     """Run the oracle on ``pruned`` against ``original``; ``inexact``: why outputs prove nothing.
 
     ``locate(masked, pruned)`` names the first diverging node once outputs disagree.
+    ``original_is_private``: ``original`` is a copy made for this check, so it is masked in
+    place rather than copied again (``prune(verify=True)``; never for a caller's model).
     """
     checked = check_params(original, pruned, kept)
-    masked = masked_original(original, kept)
+    masked = masked_original(original, kept, in_place=original_is_private)
     run = _eval_copy(pruned)
     ref, got = _outputs(masked, example_inputs), _outputs(run, example_inputs)
 

@@ -51,6 +51,7 @@ class VerifyPass(Pass):
             ctx.example_inputs,
             inexact=reason,
             locate=locate,
+            original_is_private=True,  # _prune_graph's deep copy, used for nothing else
         )
         ctx.results["verification"] = report
         ctx.results["verified"] = report.summary
