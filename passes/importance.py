@@ -139,9 +139,7 @@ class ImportancePass(Pass):
         MagnitudeImportance). Groups holding nothing else are scored by everything they hold.
         """
         members = [
-            m
-            for m in g.members
-            if (t := params.get(m.param)) is not None and t.is_floating_point()
+            m for m in g.members if (t := params.get(m.param)) is not None and t.is_floating_point()
         ]
         if self.importance not in ("l1", "l2", "taylor"):
             return members
