@@ -555,10 +555,7 @@ def cmd_demo(args: argparse.Namespace, progress: _Progress) -> int:
         summary_text = _demo_steps(args, rf.path, work)
         out = rf.commit()
     print(summary_text)
-    print(
-        f"wrote {out}/: original.onnx, pruned.onnx, report.txt, summary.json, bench.json, "
-        f"speedup.png, kept.safetensors"
-    )
+    print(f"wrote {out}/: {', '.join(sorted(p.name for p in out.iterdir() if p.name[0] != '.'))}")
     return 0
 
 
