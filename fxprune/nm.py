@@ -23,6 +23,7 @@ from fxprune.analysis import IgnoreSpec, ignore_alias, ignored_prefixes, run_ana
 from fxprune.errors import VerificationError
 from fxprune.oracle import TOLERANCE, _outputs, max_error
 from fxprune.pass_infra import PassContext, PassManager
+from fxprune.prune import become
 from fxprune.sparsity import SparsityError, parse_pattern
 from fxprune.trace import FRONTENDS, trace
 
@@ -109,7 +110,9 @@ def sparsify(
 ) -> SparsifyResult:
     """N:M-sparsify every eligible conv/linear weight, permuting channels first.
 
-    The model passed in is untouched unless ``inplace=True``. ``time_budget`` is the
+    The model passed in is untouched unless ``inplace=True``: then, once sparsifying has
+    succeeded, ``model`` itself becomes the sparse module (``res.module is model``), as with
+    :func:`fxprune.prune`. ``time_budget`` is the
     permutation search time per channel group, in seconds. ``mask=False`` stops after
     the permutation: the result computes exactly what the original does. ``ignore``
     (alias ``ignored_layers``): modules or parameters left as they are, neither sparsified
@@ -147,7 +150,7 @@ def sparsify(
         )
     validate.eval_mode_for_export(model, frontend, verify and permute, SparsityError)
     prefixes = ignored_prefixes(model, *ignore_alias(ignore, ignored_layers))
-    work = model if inplace else copy.deepcopy(model)
+    work = copy.deepcopy(model)  # inplace=True too: the model changes only once this succeeded
     gm = trace(work, example_inputs, frontend=frontend)
     validate.eval_mode_for_export(
         model, gm.meta.get("fxprune.frontend", frontend), verify and permute, SparsityError
@@ -185,8 +188,9 @@ def sparsify(
     if mask:
         PassManager([NMSparsityPass(pattern, prefixes, min_size)]).run(gm, ctx)
     report.layers = ctx.results["nm_layers"]
+    module = become(model, gm) if inplace else gm
     return SparsifyResult(
-        gm, ctx.results.get("nm_masks", {}), report, ctx.results.get("permutations", {})
+        module, ctx.results.get("nm_masks", {}), report, ctx.results.get("permutations", {})
     )
 
 

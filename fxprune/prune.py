@@ -162,7 +162,7 @@ def prune(
     res.kept = _user_names(res.kept, model)
     res.trace_options = _trace_options(model, gm, leaf_modules, concrete_args)
     if inplace:
-        res.module = _become(model, res.module)
+        res.module = become(model, res.module)
     return res
 
 
@@ -205,7 +205,7 @@ def _user_names(kept: Kept, model: nn.Module) -> Kept:
     return {k: v for k, v in kept.items() if k in names}
 
 
-def _become(model: nn.Module, module: nn.Module) -> nn.Module:
+def become(model: nn.Module, module: nn.Module) -> nn.Module:
     """Turn the caller's object ``model`` into ``module`` (which is consumed); returns ``model``.
 
     What ``inplace=True`` means: pruning works on a copy, so a failure leaves ``model``
@@ -552,7 +552,7 @@ class Pruner:
         self._widths: list[dict[str, tuple[int, int]]] = []  # per step: source -> (kept, original)
         self._ratios_done: list[float] = []
         if inplace:  # model becomes the traced module, which every step prunes in place
-            self.module = _become(model, self.module)
+            self.module = become(model, self.module)
 
     @property
     def done(self) -> bool:

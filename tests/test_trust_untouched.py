@@ -175,3 +175,14 @@ def test_real_shape_run_happens_and_leaves_batchnorm_statistics(caplog):
     assert any("running for real" in r.getMessage() for r in caplog.records)
     assert gm.meta["fxprune.frontend"] == "fx"
     assert_same(before, fingerprint(model))
+
+
+def test_sparsify_inplace_makes_the_model_the_sparse_module():
+    """inplace=True means the same for sparsify as for prune: the caller's object becomes it."""
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    x = torch.randn(2, 64)
+    expected = fxprune.sparsify(model, x, pattern="2:4", time_budget=0.05).module(x)
+    res = fxprune.sparsify(model, x, pattern="2:4", time_budget=0.05, inplace=True)
+    assert res.module is model
+    torch.testing.assert_close(model(x), expected)
+    assert fxprune.sparsity.check_nm(model).passed
