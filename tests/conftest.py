@@ -56,3 +56,23 @@ def minilm():
         return_tensors="pt",
     )
     return model, {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+TINY_FACTORY = """
+import torch
+from torch import nn
+
+def tiny():
+    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                      nn.Flatten(), nn.Linear(32, 4))
+    return m.eval(), torch.randn(1, 3, 16, 16)
+"""
+
+
+@pytest.fixture
+def factory(tmp_path) -> str:
+    """A ``file.py:factory`` model spec for the command line: a tiny conv net."""
+    path = tmp_path / "tiny_model.py"
+    path.write_text(TINY_FACTORY)
+    return f"{path}:tiny"

@@ -19,24 +19,6 @@ from fxprune.files import (
     write_bytes_atomic,
 )
 
-FACTORY = """
-import torch
-from torch import nn
-
-def tiny():
-    m = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                      nn.Flatten(), nn.Linear(32, 4))
-    return m.eval(), torch.randn(1, 3, 16, 16)
-"""
-
-
-@pytest.fixture
-def factory(tmp_path) -> str:
-    path = tmp_path / "tiny_model.py"
-    path.write_text(FACTORY)
-    return f"{path}:tiny"
-
 
 def _mode(p: Path) -> int:
     return stat.S_IMODE(os.stat(p).st_mode)
