@@ -133,10 +133,15 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
         return removed
     for entry in entries:
         kind = entry.name[len(prefix) :].split("-", 1)[0]
-        pid = _owner_pid(entry.name)
-        if kind == "lock" or pid is None or _pid_alive(pid):
-            continue
         path = Path(entry.path)
+        if kind == "lock":
+            if _remove_if_unlocked(path):
+                removed.append(path)
+                logger.warning("removed %s, left by a killed fxprune run", path)
+            continue
+        pid = _owner_pid(entry.name)
+        if pid is None or _pid_alive(pid):
+            continue
         if kind == "old" and not os.path.lexists(target):
             os.rename(path, target)
             logger.warning("restored %s from an interrupted run (pid %d)", target, pid)
@@ -148,6 +153,24 @@ def remove_stale_temps(target: str | os.PathLike) -> list[Path]:
         removed.append(path)
         logger.warning("removed %s, left by an interrupted fxprune run (pid %d)", path, pid)
     return removed
+
+
+def _remove_if_unlocked(path: Path) -> bool:
+    """Delete a lock file nobody holds (its writer was killed); the kernel freed its lock."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # a live writer holds it (this process too: flock is per open)
+        os.close(fd)
+        return False
+    try:
+        os.unlink(path)  # while holding it: a writer that opened it meanwhile sees the change
+    finally:
+        os.close(fd)
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -291,14 +314,17 @@ class ResultFolder:
         fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            same = os.fstat(fd).st_ino == os.stat(self._lock_path, follow_symlinks=False).st_ino
-        except (BlockingIOError, FileNotFoundError):
+        except BlockingIOError:
             os.close(fd)
             raise OutputError(
                 f"{self.option} {self.requested}: another fxprune run is writing there right "
                 f"now; wait for it to finish or choose another folder."
             ) from None
-        if not same:  # the holder removed the lock file while we opened it: it is done; retry
+        try:
+            same = os.fstat(fd).st_ino == os.stat(self._lock_path, follow_symlinks=False).st_ino
+        except FileNotFoundError:
+            same = False
+        if not same:  # the file was removed (its holder finished, or it was stale): retry
             os.close(fd)
             return self._acquire_lock()
         os.ftruncate(fd, 0)

@@ -163,3 +163,14 @@ def test_output_errors_come_before_the_model_is_loaded(tmp_path, capsys):
         assert "not writable" in capsys.readouterr().err
     finally:
         ro.chmod(0o700)
+
+
+def test_a_lock_file_left_by_a_killed_writer_is_removed_but_a_held_one_is_not(tmp_path):
+    stale = tmp_path / ".out.fxprune-lock"
+    stale.write_text("12345\n")  # what a SIGKILLed writer leaves: the kernel freed its flock
+    assert remove_stale_temps(tmp_path / "out") == [stale] and not stale.exists()
+    with ResultFolder(tmp_path / "out") as rf:  # holds the lock while it writes
+        assert remove_stale_temps(tmp_path / "out") == []
+        assert (tmp_path / ".out.fxprune-lock").exists()
+        rf.commit()
+    assert not (tmp_path / ".out.fxprune-lock").exists()

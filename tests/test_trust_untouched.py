@@ -181,8 +181,9 @@ def test_sparsify_inplace_makes_the_model_the_sparse_module():
     """inplace=True means the same for sparsify as for prune: the caller's object becomes it."""
     model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
     x = torch.randn(2, 64)
-    expected = fxprune.sparsify(model, x, pattern="2:4", time_budget=0.05).module(x)
-    res = fxprune.sparsify(model, x, pattern="2:4", time_budget=0.05, inplace=True)
+    # permute=False: the permutation search stops by the clock, so two runs may differ
+    expected = fxprune.sparsify(model, x, pattern="2:4", permute=False).module(x)
+    res = fxprune.sparsify(model, x, pattern="2:4", permute=False, inplace=True)
     assert res.module is model
     torch.testing.assert_close(model(x), expected)
     assert fxprune.sparsity.check_nm(model).passed
