@@ -40,7 +40,9 @@ def test_progress_on_a_terminal_and_silence_when_piped(tmp_path):
     cmd = [sys.executable, "-m", "fxprune.cli", "prune", "tiny.py:tiny", "--round-to", "1"]
     code, screen = _on_a_terminal([*cmd, "--out", "a"], tmp_path)
     assert code == 0, screen
-    assert "tracing ..." in screen  # the spinner line names the current step
+    # The spinner line names the current step (which ones render depends on the machine's speed).
+    steps = ("loading tiny.py:tiny ...", "tracing ...", "pruning: ", "writing a ...")
+    assert any(step in screen for step in steps), screen
     piped = subprocess.run([*cmd, "--out", "b"], cwd=tmp_path, capture_output=True, text=True)
     assert piped.returncode == 0 and piped.stderr == ""
     assert "loading" not in piped.stdout and "MACs" in piped.stdout
