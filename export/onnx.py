@@ -26,8 +26,10 @@ from torch import nn
 from torch.utils import _pytree as pytree
 
 from fxprune import validate
-from fxprune.errors import ExportError
+from fxprune.errors import ExportError, TraceError
 from fxprune.files import temp_dir_beside
+from fxprune.trace import ExampleInputs as Inputs
+from fxprune.trace import batch_of_two
 
 logger = logging.getLogger(__name__)
 
@@ -82,16 +84,11 @@ class OnnxExportResult:
 
 def split_example_inputs(example_inputs: ExampleInputs) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """Turn a tensor, a tuple/list of positional inputs or a dict of keyword inputs into (args, kwargs)."""
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,), {}
-    if isinstance(example_inputs, Mapping):
-        return (), dict(example_inputs)
-    if isinstance(example_inputs, Sequence) and not isinstance(example_inputs, str):
-        return tuple(example_inputs), {}
-    raise ExportError(
-        f"example_inputs must be a tensor, a tuple of inputs or a dict of keyword inputs, "
-        f"not {type(example_inputs).__name__}"
-    )
+    try:
+        ex = Inputs.of(example_inputs)  # the one rule every frontend uses
+    except TraceError as exc:
+        raise ExportError(str(exc)) from None
+    return ex.args, dict(ex.kwargs)
 
 
 def named_tensor_inputs(
@@ -173,15 +170,6 @@ def _batch_dynamic_shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     if kwargs:
         return {name: spec(value) for name, value in kwargs.items()}
     return tuple(spec(a) for a in args)
-
-
-def _batch_of_two(value: Any) -> Any:
-    return pytree.tree_map(
-        lambda t: (
-            torch.cat([t, t]) if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1 else t
-        ),
-        value,
-    )
 
 
 def _check_batch_is_dynamic(program: Any, module_name: str) -> None:
@@ -355,7 +343,7 @@ def to_onnx(
     if dynamic_batch:
         # torch.export specializes a size-1 dimension to the constant 1 (its "0/1
         # specialization"), silently making the batch static, so trace with batch 2.
-        args, kwargs = _batch_of_two(args), _batch_of_two(kwargs)
+        args, kwargs = batch_of_two(args), batch_of_two(kwargs)
         program = _export(
             export_module, args, kwargs, _batch_dynamic_shapes(args, kwargs), opset, reference
         )

@@ -43,6 +43,7 @@ from fxprune import validate
 from fxprune.errors import BenchError
 from fxprune.export.onnx import eval_version
 from fxprune.files import write_bytes_atomic
+from fxprune.trace import ExampleInputs
 
 logger = logging.getLogger(__name__)
 
@@ -288,9 +289,8 @@ def _calibrate(runner: _Runner, min_time: float) -> int:
 
 
 def _split(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    from fxprune.export.onnx import split_example_inputs
-
-    return split_example_inputs(inputs)
+    ex = ExampleInputs.of(inputs)
+    return ex.args, dict(ex.kwargs)
 
 
 def _torch_runner(model: nn.Module, inputs: Any) -> _Runner:

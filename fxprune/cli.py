@@ -27,11 +27,12 @@ from typing import Any
 from fxprune._version import __version__
 from fxprune.errors import FxpruneError
 from fxprune.files import (
-    OutputError,
     ResultFolder,
+    check_output_file,
     check_output_folder,
     temp_dir_beside,
     write_bytes_atomic,
+    write_result,
 )
 from fxprune.pass_infra import Instrument
 from fxprune.saving import KEPT, kept_bytes, result_files
@@ -368,8 +369,7 @@ def _model_spec(args: argparse.Namespace) -> str | None:
 
 @contextlib.contextmanager
 def _result_folder(out: str, force: bool, what: str) -> Iterator[ResultFolder]:
-    earlier = Path(out).is_dir() and any(Path(out).iterdir())
-    _run.kept = f"nothing was written{'; the earlier result in ' + out + ' is unchanged' if earlier else ''}"
+    _run.kept = _unchanged(out)
     with ResultFolder(out, force=force) as rf:
         yield rf
     if rf.committed:
@@ -377,10 +377,18 @@ def _result_folder(out: str, force: bool, what: str) -> Iterator[ResultFolder]:
 
 
 def _write_result(out: str, force: bool, files: dict[str, bytes], what: str) -> Path:
-    with _result_folder(out, force, what) as rf:
-        for name, data in files.items():
-            write_bytes_atomic(rf.path / name, data)
-        return rf.commit()
+    _run.kept = _unchanged(out)
+    written = write_result(out, files, force=force)
+    _run.kept = f"the {what} in {out} is complete"
+    return written
+
+
+def _unchanged(out: str) -> str:
+    """What an interrupt leaves before the new result is swapped in."""
+    earlier = Path(out).is_dir() and any(Path(out).iterdir())
+    return "nothing was written" + (
+        f"; the earlier result in {out} is unchanged" if earlier else ""
+    )
 
 
 def cmd_inspect(args: argparse.Namespace, progress: _Progress) -> int:
@@ -461,28 +469,12 @@ def cmd_sparsify(args: argparse.Namespace, progress: _Progress) -> int:
     return 0
 
 
-def _check_file_out(path: str, force: bool, option: str, suffix: str) -> None:
-    p = Path(path)
-    if p.is_dir():
-        raise OutputError(
-            f"{option} {path} is a folder; give a file name, e.g. {p / ('model' + suffix)}."
-        )
-    if not p.parent.is_dir():
-        raise OutputError(f"{option} {path}: the folder {p.parent} does not exist.")
-    if p.exists() and not force:
-        raise OutputError(f"{option} {path} exists; pass --force to replace it.")
-    import os
-
-    if not os.access(p.parent, os.W_OK | os.X_OK):
-        raise OutputError(f"{option} {path}: {p.parent} is not writable.")
-
-
 def cmd_export(args: argparse.Namespace, progress: _Progress) -> int:
     from fxprune.export import build_engine, to_onnx
 
-    _check_file_out(args.out, args.force, "--out", ".onnx")
+    check_output_file(args.out, args.force, "--out", ".onnx")
     if args.engine:
-        _check_file_out(args.engine, args.force, "--engine", ".engine")
+        check_output_file(args.engine, args.force, "--engine", ".engine")
     model, inputs = _load(args, progress)
     progress.step(f"exporting to {args.out} and checking it with ONNX Runtime")
     res = to_onnx(model, inputs, args.out, fp16=args.fp16)

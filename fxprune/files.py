@@ -239,6 +239,22 @@ def check_output_folder(path: str | os.PathLike, force: bool, option: str = "--o
     return target
 
 
+def check_output_file(path: str | os.PathLike, force: bool, option: str, suffix: str) -> Path:
+    """Validate an output file before any work: returns its path or raises."""
+    p = Path(path)
+    if p.is_dir():
+        raise OutputError(
+            f"{option} {path} is a folder; give a file name, e.g. {p / ('model' + suffix)}."
+        )
+    if not p.parent.is_dir():
+        raise OutputError(f"{option} {path}: the folder {p.parent} does not exist.")
+    if p.exists() and not force:
+        raise OutputError(f"{option} {path} exists; pass --force to replace it.")
+    if not os.access(p.parent, os.W_OK | os.X_OK):
+        raise OutputError(f"{option} {path}: {p.parent} is not writable.")
+    return p
+
+
 class ResultFolder:
     """Build a set of result files and swap it in at ``target`` whole.
 
@@ -339,3 +355,17 @@ class ResultFolder:
                 os.unlink(self._lock_path)
         os.close(self._lock_fd)
         self._lock_fd = None
+
+
+def write_result(
+    target: str | os.PathLike,
+    files: dict[str, bytes],
+    *,
+    force: bool = False,
+    option: str = "--out",
+) -> Path:
+    """Write ``files`` ({name: bytes}) as one result folder at ``target``, whole or not at all."""
+    with ResultFolder(target, force=force, option=option) as rf:
+        for name, data in files.items():
+            write_bytes_atomic(rf.path / name, data)
+        return rf.commit()

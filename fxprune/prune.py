@@ -550,7 +550,6 @@ class Pruner:
         self._origin: dict[tuple[str, int], torch.Tensor] = {}
         self._original_sizes: dict[int, int] = {}  # of the groups of the step being run
         self._widths: list[dict[str, tuple[int, int]]] = []  # per step: source -> (kept, original)
-        self._ratios_done: list[float] = []
         if inplace:  # model becomes the traced module, which every step prunes in place
             self.module = become(model, self.module)
 
@@ -585,7 +584,6 @@ class Pruner:
         if not self._origin:
             self._record_origin(res.groups)
         self._widths.append(self._group_widths(res))
-        self._ratios_done.append(ratio)
         self.kept = _compose(self.kept, res.kept)
         self.stages.extend(res.stages)
         self.history.append(res.report)
@@ -617,7 +615,8 @@ class Pruner:
         rep0 = self.history[0]
         rows.append(("0", "0.000", f"{rep0.macs_before:.4g}", f"{rep0.params_before}"))
         rows[-1] += tuple(f"{first[s][1]}/{first[s][1]}" for s in largest)
-        for k, (rep, r) in enumerate(zip(self.history, self._ratios_done), 1):
+        for k, rep in enumerate(self.history, 1):
+            r = self.cumulative_ratio(k)
             widths = self._widths[k - 1]
             cells = (f"{widths[s][0]}/{widths[s][1]}" if s in widths else "-" for s in largest)
             rows.append(

@@ -36,7 +36,7 @@ from torch import nn
 from fxprune._version import __version__
 from fxprune.analysis import IgnoreSpec
 from fxprune.errors import FxpruneError
-from fxprune.files import MANIFEST, ResultFolder, write_bytes_atomic
+from fxprune.files import MANIFEST, write_result
 from fxprune.prune import PlanStage, PruneResult, replay_stages
 from fxprune.trace import ExampleInputs, trace
 
@@ -82,10 +82,7 @@ def save(
         if name in files or name == MANIFEST or "/" in name or name.startswith("."):
             raise SaveError(f"extra file name {name!r} is reserved or not a plain file name.")
         files[name] = data
-    with ResultFolder(path, force=force, option="path") as out:
-        for name, data in files.items():
-            write_bytes_atomic(out.path / name, data)
-        return out.commit()
+    return write_result(path, files, force=force, option="path")
 
 
 def result_files(
@@ -96,11 +93,12 @@ def result_files(
         result = _as_prune_result(result, example_inputs)
     if result.example_inputs is None:
         raise SaveError("this PruneResult has no example inputs recorded; prune it again.")
+    tensors, aliases = _dedup_state(result.module)
     return {
-        WEIGHTS: _state_bytes(result.module),
+        WEIGHTS: st_save(tensors),
         INPUTS: _inputs_bytes(result.example_inputs),
         KEPT: kept_bytes(result.kept),
-        PLAN: _plan_json(result, model_spec).encode(),
+        PLAN: _plan_json(result, model_spec, aliases).encode(),
     }
 
 
@@ -297,13 +295,8 @@ def _read_tensors(file: Path) -> dict[str, torch.Tensor]:
         raise SaveError(f"{file} is not a readable safetensors file: {exc}") from None
 
 
-def _state_bytes(module: nn.Module) -> bytes:
-    """The state_dict as safetensors; tied tensors stored once (their aliases go in the plan)."""
-    tensors, _ = _dedup_state(module)
-    return st_save(tensors)
-
-
 def _dedup_state(module: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state_dict with tied tensors stored once, and {alias: stored name} for the plan."""
     tensors: dict[str, torch.Tensor] = {}
     aliases: dict[str, str] = {}
     seen: dict[tuple, str] = {}
@@ -354,15 +347,14 @@ def _inputs_from(spec: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Exam
     )
 
 
-def _plan_json(result: PruneResult, model_spec: str | None) -> str:
+def _plan_json(result: PruneResult, model_spec: str | None, aliases: dict[str, str]) -> str:
     module = result.module
     gm_meta = getattr(module, "meta", {})
-    opts = dict(getattr(result, "trace_options", None) or {})
+    opts = dict(result.trace_options)
     opts.setdefault("frontend", gm_meta.get("fxprune.frontend", "fx"))
     concrete = opts.get("concrete_args") or {}
     if any(not isinstance(v, _JSON_SCALARS) for v in concrete.values()):
         raise SaveError("concrete_args with non-JSON values (tensors, objects) cannot be saved.")
-    _, aliases = _dedup_state(module)
     plan = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,

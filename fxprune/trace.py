@@ -491,18 +491,24 @@ def _export_dynamic_batch(
     return ep.module(), inputs, None
 
 
+def _is_batch_one(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1
+
+
+def batch_of_two(value: Any) -> Any:
+    """``value`` (any pytree) with every batch-1 tensor repeated to batch 2.
+
+    torch.export specialises a size-1 dim to the constant 1 (its "0/1 specialization"), which
+    silently fixes the batch; exporting with batch 2 keeps it dynamic.
+    """
+    return pytree.tree_map(lambda t: torch.cat([t, t]) if _is_batch_one(t) else t, value)
+
+
 def _batch_of_two(inputs: ExampleInputs) -> ExampleInputs | None:
-    """The example with every batch-1 tensor repeated to batch 2 (None: there is none)."""
-    leaves = pytree.tree_leaves((inputs.args, inputs.kwargs))
-    if not any(isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1 for t in leaves):
+    """The example at batch 2 (None: it has no batch-1 tensor)."""
+    if not any(_is_batch_one(t) for t in pytree.tree_leaves((inputs.args, inputs.kwargs))):
         return None
-
-    def two(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() > 0 and len(t) == 1:
-            return torch.cat([t, t])
-        return t
-
-    return ExampleInputs(pytree.tree_map(two, inputs.args), pytree.tree_map(two, inputs.kwargs))
+    return ExampleInputs(batch_of_two(inputs.args), batch_of_two(inputs.kwargs))
 
 
 def _same_outputs(model: nn.Module, gm: fx.GraphModule, inputs: ExampleInputs) -> bool:
