@@ -1,4 +1,4 @@
-"""Benchmark of fxprune's N:M channel-permutation search (fxprune.sparsity.search_permutation).
+"""Benchmark of fxprune's N:M channel-permutation search (fxprune.nm_permutation.search_permutation).
 
 Measures the fraction of total |w| that a 2:4 mask keeps without and with the
 permutation, against the per-row upper bound (the largest half of each row, no
@@ -42,7 +42,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from fxprune import sparsity  # noqa: E402
+from fxprune.nm_patterns import nm_eligibility, per_row_upper_bound, retained_magnitude  # noqa: E402
+from fxprune.nm_permutation import search_permutation  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -142,11 +143,11 @@ def run_synthetic(cases: list[Case], budget: float) -> list[tuple[Case, Row]]:
         for seed in range(case.seeds):
             w = DISTRIBUTIONS[case.dist](case.shape, torch.Generator().manual_seed(seed))
             t0 = time.perf_counter()
-            perm = sparsity.search_permutation(w, "2:4", time_budget=budget, seed=seed)
+            perm = search_permutation(w, "2:4", time_budget=budget, seed=seed)
             row.seconds.append(time.perf_counter() - t0)
-            row.plain.append(sparsity.retained_magnitude(w, "2:4"))
-            row.permuted.append(sparsity.retained_magnitude(w, "2:4", perm))
-            row.bound.append(sparsity.per_row_upper_bound(w, "2:4"))
+            row.plain.append(retained_magnitude(w, "2:4"))
+            row.permuted.append(retained_magnitude(w, "2:4", perm))
+            row.bound.append(per_row_upper_bound(w, "2:4"))
         closed = row.closed
         print(
             f"{row.label:<36} plain {np.mean(row.plain):.4f}  permuted {np.mean(row.permuted):.4f}  "
@@ -185,21 +186,21 @@ def run_model(
         else:
             continue
         w = mod.weight.detach()
-        ok, reason = sparsity.nm_eligibility(w, "2:4", groups=groups)
+        ok, reason = nm_eligibility(w, "2:4", groups=groups)
         if not ok:
             skipped.append((f"{name}.weight", reason))
             continue
         t0 = time.perf_counter()
-        perm = sparsity.search_permutation(w, "2:4", time_budget=budget, seed=0)
+        perm = search_permutation(w, "2:4", time_budget=budget, seed=0)
         seconds = time.perf_counter() - t0
         total = w.abs().double().sum().item()
         res = LayerResult(
             name=f"{name}.weight",
             shape=tuple(w.shape),
             total=total,
-            plain=total * sparsity.retained_magnitude(w, "2:4"),
-            permuted=total * sparsity.retained_magnitude(w, "2:4", perm),
-            bound=total * sparsity.per_row_upper_bound(w, "2:4"),
+            plain=total * retained_magnitude(w, "2:4"),
+            permuted=total * retained_magnitude(w, "2:4", perm),
+            bound=total * per_row_upper_bound(w, "2:4"),
             seconds=seconds,
         )
         results.append(res)
@@ -309,7 +310,7 @@ def write_report(
     cpu_share: float,
 ) -> None:
     lines = [
-        "## 2:4 channel-permutation search (`fxprune.sparsity.search_permutation`)",
+        "## 2:4 channel-permutation search (`fxprune.nm_permutation.search_permutation`)",
         "",
         f"Measured {datetime.date.today().isoformat()} on {os.cpu_count()} shared CPU cores "
         f"({_cpu_name()}), Python {platform.python_version()}, "

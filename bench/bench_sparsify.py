@@ -20,6 +20,7 @@ import time
 import torch
 
 import fxprune
+from fxprune.models import load_model, minilm_path
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ def run_resnet50(budget: float) -> dict:
 
 def run_minilm(budget: float) -> dict:
     from transformers import AutoTokenizer
-
-    from fxprune.models import load_model, minilm_path
 
     model, _ = load_model("hf:minilm")
     tok = AutoTokenizer.from_pretrained(str(minilm_path()))

@@ -14,7 +14,7 @@ input 1x3x224x224), in its own subprocess:
    ``fxprune.count_macs`` (the same counter for all three), and
    ``tp.utils.count_ops_and_params`` for reference;
 3. time original / fxprune / torch-pruning side by side with
-   ``fxprune.bench.compare_latency`` on ONNX Runtime CPU at batch 1 and 8: one
+   ``fxprune.export.compare_latency`` on ONNX Runtime CPU at batch 1 and 8: one
    interleaved run per model, ``--rounds`` rounds, ``--threads`` intra-op threads.
 
 Reported per model and batch: MACs reduction (original MACs / pruned MACs), speedup
@@ -122,7 +122,7 @@ def measure_one(name: str, rounds: int, threads: int, prune_runs: int) -> dict[s
     import torch_pruning as tp
 
     import fxprune
-    from fxprune.bench import compare_latency
+    from fxprune.export.latency import compare_latency
 
     torch.set_num_threads(threads)
     model, x = build(name)

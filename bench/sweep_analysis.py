@@ -516,6 +516,15 @@ def summary(data: dict[str, Any]) -> list[str]:
                 f"; fxprune median {statistics.median(times) * 1e3:.0f} ms, "
                 f"max {max(times) * 1e3:.0f} ms ({worst['model']}), {under}/{len(times)} under 1 s"
             )
+        # What tests/test_trace.py once asserted for every classifier: analysed by fx, with
+        # something to prune. The sweep reports the exceptions instead of failing on them.
+        nothing = [r["model"] for r in ok if not r["fxprune"].get("prunable")]
+        if nothing:
+            line += f"; no prunable group: {', '.join(nothing)}"
+        if family != "transformers":
+            not_fx = [r["model"] for r in ok if r["fxprune"].get("frontend") != "fx"]
+            if not_fx:
+                line += f"; not traced by fx: {', '.join(not_fx)}"
         tp_ok = [r for r in fam if r.get("torch_pruning", {}).get("ok")]
         line += f"; Torch-Pruning DepGraph built on {len(tp_ok)}/{len(fam)}"
         ratios = [r["tp_over_fxprune"] for r in fam if r.get("tp_over_fxprune")]

@@ -16,7 +16,7 @@ fixed stratified 80/20 split, seed 0), at native size with a one-channel stem:
    counter for both tools), test accuracy before and after the fine-tune, the wall time of
    the pruning call, the conv widths, and ONNX Runtime CPU latency of both pruned models
    against the dense one at batch 1 and 64, measured in ONE interleaved
-   ``fxprune.bench.compare_latency`` call per step (median of per-round ratios, IQR);
+   ``fxprune.export.compare_latency`` call per step (median of per-round ratios, IQR);
 3. a final recovery fine-tune of both;
 4. write ``docs/walkthrough.json``, ``docs/walkthrough.png`` and ``docs/walkthrough.md``.
 
@@ -50,7 +50,7 @@ from torch import nn  # noqa: E402
 
 import fxprune  # noqa: E402
 from bench.compare_torch_pruning import git_state, summarise  # noqa: E402
-from fxprune.bench import compare_latency  # noqa: E402
+from fxprune.export.latency import compare_latency  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -567,7 +567,7 @@ def markdown(data: dict, png_name: str) -> str:
         f"- both tools run to a final ratio of {cfg['ratio']} (the walkthrough's own schedule "
         "goes to 1.0, which both accept; 0.95 keeps more than one channel per layer).",
         "- MACs: `fxprune.count_macs` on one 1x1x8x8 image, for both tools. Latency: "
-        f"`fxprune.bench.compare_latency`, ONNX Runtime CPU, {cfg['threads']} intra-op "
+        f"`fxprune.export.compare_latency`, ONNX Runtime CPU, {cfg['threads']} intra-op "
         f"thread(s), {cfg['rounds']} interleaved rounds, dense / fxprune / Torch-Pruning in one "
         "call per step; speedup = median of per-round ratios dense/pruned, [IQR].",
         "",

@@ -13,7 +13,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 import fxprune
-from fxprune.bench import compare_latency
+from fxprune.export.latency import compare_latency
 
 STEPS, RATIO, EPOCHS_PER_STEP = 5, 0.75, 1
 torch.manual_seed(0)

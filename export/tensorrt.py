@@ -441,15 +441,7 @@ def build_engine(
         {name: (min_shape, opt_shape, max_shape)}.
     """
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
-    if not onnx_path.is_file():
-        raise ExportError(f"ONNX file {onnx_path} does not exist")
-    if not engine_path.parent.resolve().is_dir():
-        raise ExportError(
-            f"cannot write {engine_path}: the folder {engine_path.parent.resolve()} does not "
-            "exist (create it first)"
-        )
-    if not 1 <= min_batch <= max_batch:
-        raise ExportError(f"need 1 <= min_batch <= max_batch, got {min_batch}, {max_batch}")
+    _check_build_arguments(onnx_path, engine_path, min_batch, max_batch)
     trt, runtime_name = _select_runtime(runtime)
     gpu = gpu_available()
     if runtime_name == "tensorrt" and not gpu:
@@ -465,34 +457,11 @@ def build_engine(
     builder = trt.Builder(trt_logger)
     network = builder.create_network(_network_flags(trt, runtime_name, weakly_typed))
     _parse_onnx(trt, network, trt_logger, onnx_path)
-
-    config = builder.create_builder_config()
-    if weakly_typed:
-        config.set_flag(trt.BuilderFlag.FP16)
-    if sparse:
-        if not hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
-            raise ExportError(f"{runtime_name} {trt.__version__} has no SPARSE_WEIGHTS flag")
-        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
-    if workspace is not None:
-        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
-    # DETAILED keeps tactic names and HasSparseWeights in the engine for the inspector.
-    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
-
+    config = _builder_config(trt, builder, runtime_name, weakly_typed, sparse, workspace)
     profile_shapes = _add_profile(
         builder, network, config, facts, shapes, min_batch, opt_batch, max_batch
     )
-
-    cache_path = Path(timing_cache) if timing_cache is not None else None
-    if cache_path is not None and runtime_name == "tensorrt_rtx":
-        # RTX >= 1.2 made timing caches no-ops; 1.0/1.1 even queried a GPU because of them.
-        notes.append(
-            f"timing_cache ignored: timing caches are no-ops in TensorRT-RTX ({cache_path})"
-        )
-        cache_path = None
-    if cache_path is not None:
-        blob = cache_path.read_bytes() if cache_path.is_file() else b""
-        config.set_timing_cache(config.create_timing_cache(blob), False)
-
+    cache_path = _use_timing_cache(config, runtime_name, timing_cache, notes)
     flags_set = [
         name for name, flag in trt.BuilderFlag.__members__.items() if config.get_flag(flag)
     ]
@@ -535,6 +504,60 @@ def build_engine(
     result.warnings = trt_logger.of_severity(trt.ILogger.Severity.WARNING)
     logger.info("built %s", result)
     return result
+
+
+def _check_build_arguments(
+    onnx_path: Path, engine_path: Path, min_batch: int, max_batch: int
+) -> None:
+    """What ``build_engine`` can check before loading TensorRT."""
+    if not onnx_path.is_file():
+        raise ExportError(f"ONNX file {onnx_path} does not exist")
+    if not engine_path.parent.resolve().is_dir():
+        raise ExportError(
+            f"cannot write {engine_path}: the folder {engine_path.parent.resolve()} does not "
+            "exist (create it first)"
+        )
+    if not 1 <= min_batch <= max_batch:
+        raise ExportError(f"need 1 <= min_batch <= max_batch, got {min_batch}, {max_batch}")
+
+
+def _builder_config(
+    trt: Any,
+    builder: Any,
+    runtime_name: str,
+    weakly_typed: bool,
+    sparse: bool,
+    workspace: int | None,
+) -> Any:
+    config = builder.create_builder_config()
+    if weakly_typed:
+        config.set_flag(trt.BuilderFlag.FP16)
+    if sparse:
+        if not hasattr(trt.BuilderFlag, "SPARSE_WEIGHTS"):
+            raise ExportError(f"{runtime_name} {trt.__version__} has no SPARSE_WEIGHTS flag")
+        config.set_flag(trt.BuilderFlag.SPARSE_WEIGHTS)
+    if workspace is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace))
+    # DETAILED keeps tactic names and HasSparseWeights in the engine for the inspector.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
+    return config
+
+
+def _use_timing_cache(
+    config: Any, runtime_name: str, timing_cache: Any, notes: list[str]
+) -> Path | None:
+    """Load the timing cache into ``config``; the path to save it to after the build, if any."""
+    cache_path = Path(timing_cache) if timing_cache is not None else None
+    if cache_path is not None and runtime_name == "tensorrt_rtx":
+        # RTX >= 1.2 made timing caches no-ops; 1.0/1.1 even queried a GPU because of them.
+        notes.append(
+            f"timing_cache ignored: timing caches are no-ops in TensorRT-RTX ({cache_path})"
+        )
+        return None
+    if cache_path is not None:
+        blob = cache_path.read_bytes() if cache_path.is_file() else b""
+        config.set_timing_cache(config.create_timing_cache(blob), False)
+    return cache_path
 
 
 def _inspect(result: EngineBuildResult, trt: Any, trt_logger: Any, data: bytes) -> None:

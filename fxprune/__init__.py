@@ -21,7 +21,6 @@ from fxprune.errors import (
     TraceError,
     VerificationError,
 )
-from fxprune.nm import SparsifyResult, sparsify
 from fxprune.oracle import VerificationReport, verify
 from fxprune.pass_infra import (
     DumpGraphs,
@@ -35,11 +34,12 @@ from fxprune.pass_infra import (
 from fxprune.prune import Pruner, PruneResult, prune
 from fxprune.report import PruneReport, count_macs, count_params
 from fxprune.saving import load, save
+from fxprune.sparsify import SparsifyResult, sparsify
 from fxprune.trace import trace
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-_SUBMODULES = ("bench", "debug", "export", "models", "passes", "sparsity")
+_SUBMODULES = ("debug", "export", "models", "passes")
 
 
 def __getattr__(name: str):

@@ -14,9 +14,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune import validate
+from fxprune.artifacts import CHANNELS, GROUPS
 from fxprune.channels import PruneGroup
 from fxprune.errors import PruneError
-from fxprune.pass_infra import PassContext, PassManager
+from fxprune.pass_infra import Pass, PassContext, PassManager
+from fxprune.passes import BuildGroupsPass, PropagateChannelsPass
 from fxprune.trace import trace
 from fxprune.validate import HEAD_MODES, show
 
@@ -193,23 +195,27 @@ def _owns_tensors(module: nn.Module) -> bool:
     return any(True for _ in module.parameters()) or any(True for _ in module.buffers())
 
 
+def analysis_passes(ignored: IgnoreSpec | None = None, head_mode: str = "auto") -> list[Pass]:
+    """The channel analysis: relate every node's channels, then group them."""
+    if head_mode not in HEAD_MODES:
+        raise PruneError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
+    ignored = ignored or IgnoreSpec()
+    propagate = PropagateChannelsPass(
+        head_mode=head_mode, keep_outputs=ignored.outputs, freeze=ignored.frozen
+    )
+    return [propagate, BuildGroupsPass()]
+
+
 def run_analysis(
     gm: fx.GraphModule,
     ignored: IgnoreSpec | None = None,
     head_mode: str = "auto",
     ctx: PassContext | None = None,
 ) -> tuple[list[PruneGroup], Any, PassContext]:
-    from fxprune.passes import BuildGroupsPass, PropagateChannelsPass
-
-    if head_mode not in HEAD_MODES:
-        raise PruneError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
-    ignored = ignored or IgnoreSpec()
-    ctx = ctx or PassContext()
-    propagate = PropagateChannelsPass(
-        head_mode=head_mode, keep_outputs=ignored.outputs, freeze=ignored.frozen
-    )
-    PassManager([propagate, BuildGroupsPass()]).run(gm, ctx)
-    return ctx.results["groups"], ctx.results["channels"], ctx
+    """(groups, channel env, context) of ``gm``, whose node.meta gets the analysis."""
+    ctx = ctx if ctx is not None else PassContext()
+    PassManager(analysis_passes(ignored, head_mode), name="analysis").run(gm, ctx)
+    return ctx[GROUPS], ctx[CHANNELS], ctx
 
 
 def analyze(

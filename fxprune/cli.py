@@ -24,8 +24,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
+
+import fxprune
 from fxprune._version import __version__
+from fxprune.debug import print_graph
 from fxprune.errors import FxpruneError
+from fxprune.export import available_runtimes, build_engine, compare_latency, to_onnx
 from fxprune.files import (
     ResultFolder,
     check_output_file,
@@ -33,7 +38,9 @@ from fxprune.files import (
     temp_dir_beside,
     write_bytes_atomic,
     write_result,
+    write_text_atomic,
 )
+from fxprune.models import load_model, parse_shape
 from fxprune.pass_infra import Instrument
 from fxprune.saving import KEPT, kept_bytes, result_files
 
@@ -348,7 +355,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, progress: _Progress):
-    from fxprune.models import load_model, parse_shape
 
     shape = parse_shape(getattr(args, "input_shape", None))
     progress.step(f"loading {args.model}")
@@ -392,8 +398,6 @@ def _unchanged(out: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, progress: _Progress) -> int:
-    import fxprune
-    from fxprune.debug import print_graph
 
     model, inputs = _load(args, progress)
     progress.step("tracing and analysing channels")
@@ -406,7 +410,6 @@ def cmd_inspect(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def _do_prune(args: argparse.Namespace, model, inputs, progress: _Progress):
-    import fxprune
 
     progress.step("tracing")
     return fxprune.prune(
@@ -447,7 +450,6 @@ def cmd_prune(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_sparsify(args: argparse.Namespace, progress: _Progress) -> int:
-    import fxprune
 
     check_output_folder(args.out, args.force)
     model, inputs = _load(args, progress)
@@ -470,7 +472,6 @@ def cmd_sparsify(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_export(args: argparse.Namespace, progress: _Progress) -> int:
-    from fxprune.export import build_engine, to_onnx
 
     check_output_file(args.out, args.force, "--out", ".onnx")
     if args.engine:
@@ -492,7 +493,6 @@ def cmd_export(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, progress: _Progress) -> int:
-    from fxprune.bench import compare_latency
 
     check_output_folder(args.out, args.force)
     model, inputs = _load(args, progress)
@@ -522,7 +522,6 @@ def cmd_bench(args: argparse.Namespace, progress: _Progress) -> int:
 
 def _batcher(inputs: Any):
     """Example inputs at another batch size (batch is dim 0 of every tensor input)."""
-    import torch
 
     def at(batch: int) -> Any:
         def grow(t: Any) -> Any:
@@ -552,11 +551,6 @@ def cmd_demo(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def _demo_steps(args: argparse.Namespace, out: Path, work: Path) -> str:
-    import fxprune
-    from fxprune.bench import compare_latency
-    from fxprune.export import available_runtimes, build_engine, to_onnx
-    from fxprune.files import write_text_atomic
-    from fxprune.models import load_model
 
     model, inputs = load_model(args.model)
     print(f"[1/5] pruning {args.model} (random init) at ratio 0.5, round_to=8 ...", flush=True)

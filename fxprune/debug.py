@@ -62,7 +62,7 @@ def graph_rows(gm: fx.GraphModule) -> list[tuple[str, ...]]:
         rows.append(
             (
                 node.name,
-                op.kind.value,
+                op.kind,
                 _target(node),
                 _shape(node),
                 _group(node),

@@ -1,19 +1,28 @@
-"""The canonical op view: every node of either frontend seen as one op kind.
+"""The canonical op view and the op-spec registry: how fxprune sees one FX node.
 
-``canonicalize(node, gm)`` classifies an FX node (``call_module``, ``call_function``
-on torch / ``torch.nn.functional`` / ``operator`` / aten ops, ``call_method``,
-``get_attr``, placeholders, outputs) into an :class:`OpKind` with uniform
-accessors: the tensor inputs, the parameters it reads by fully qualified name, and
-normalised attributes (groups, dims, sizes, normalised dims, head counts). Channel
-rules are written once against this view and serve both frontends.
+``canonicalize(node, gm)`` looks a node up in :data:`REGISTRY` by the identity of its
+target — the module's class (walking its MRO), the function object or aten overload
+packet, the ``call_method`` name — and lets the matching :class:`OpSpec` build a
+:class:`CanonicalOp`: the tensor inputs, typed attributes (a small frozen dataclass per
+op family, parameters as :class:`ParamRef`) and the spec itself, which carries the
+op's channel rule, its post-surgery rewrite and its MACs.
 
-Nodes are matched by the identity of their target (module type, function object,
-aten overload packet), never by substrings of names. Anything not in the tables is
-``OpKind.UNKNOWN`` — an explicit kind whose channels the analysis freezes.
+This module is generic machinery only: it names no op. Every op is declared once, in
+its family file under ``passes/channel_rules/``, which registers its spec here when
+``fxprune.passes.channel_rules`` is imported (importing ``fxprune`` does that). The
+foundation never imports the passes; :func:`canonicalize` refuses to run on an empty
+registry rather than call every op unknown.
+
+Placeholders, outputs, ``get_attr`` and calls that compute no tensor get the
+foundation's own kinds (:class:`OpKind`); anything without a spec is ``unknown``, an
+explicit kind whose channels the analysis freezes.
 """
 
 from __future__ import annotations
 
+import builtins
+import contextlib
+import dataclasses
 import enum
 import logging
 import math
@@ -33,53 +42,73 @@ logger = logging.getLogger(__name__)
 
 
 class OpKind(str, enum.Enum):
+    """The kinds the foundation gives nodes itself; every other kind is a spec's ``kind``
+    (an ``OpKind`` compares equal to its plain string)."""
+
     PLACEHOLDER = "placeholder"
     OUTPUT = "output"
     PARAM = "param"  # get_attr of a parameter or buffer
     SCALAR = "scalar"  # produces no tensor (sizes, python arithmetic, guards)
-    CONV = "conv"
-    CONV_TRANSPOSE = "conv_transpose"
-    LINEAR = "linear"
-    NORM = "norm"
-    ELEMENTWISE = "elementwise"
-    IDENTITY = "identity"
-    POOL = "pool"
-    PAD = "pad"
-    CAT = "cat"
-    SPLIT = "split"
-    GETITEM = "getitem"
-    SLICE = "slice"
-    SELECT = "select"
-    RESHAPE = "reshape"
-    PERMUTE = "permute"
-    EXPAND = "expand"
-    MATMUL = "matmul"
-    SDPA = "sdpa"
-    MHA = "mha"
-    SOFTMAX = "softmax"
-    REDUCE = "reduce"
-    EMBEDDING = "embedding"
-    PIXEL_SHUFFLE = "pixel_shuffle"
     UNKNOWN = "unknown"
+
+
+_FOUNDATION_KINDS = frozenset(
+    k.value for k in (OpKind.PLACEHOLDER, OpKind.OUTPUT, OpKind.PARAM, OpKind.SCALAR)
+)
+
+
+@dataclass(frozen=True)
+class ParamRef:
+    """A parameter or buffer of the graph module, by fully qualified name."""
+
+    fqn: str
+
+
+@dataclass(frozen=True)
+class Attrs:
+    """Base of the typed attributes of an op family (frozen dataclasses)."""
+
+    pass
+
+
+NO_ATTRS = Attrs()
+
+
+@dataclass(frozen=True)
+class ValueAttrs(Attrs):
+    """A ``get_attr`` of a tensor: the parameter or buffer it reads."""
+
+    value: ParamRef
 
 
 @dataclass
 class CanonicalOp:
     """One node as fxprune sees it.
 
-    ``name`` is the canonical op name (``"conv"``, ``"add"``, ``"view"``, ...),
-    ``inputs`` the tensor operands in order, ``params`` maps a role (``weight``,
-    ``bias``, ``in_proj_weight``...) to a parameter's fully qualified name, and
-    ``attrs`` holds normalised attributes.
+    ``spec`` is the op's :class:`OpSpec` (its kind, channel rule, rewrite and MACs),
+    ``name`` the canonical op name (``"conv"``, ``"add"``, ``"view"``, ...), ``inputs``
+    the tensor operands in order, ``attrs`` the family's typed attributes.
     """
 
     node: fx.Node
-    kind: OpKind
+    spec: OpSpec
     name: str
     inputs: list[fx.Node] = field(default_factory=list)
-    params: dict[str, str] = field(default_factory=dict)
-    attrs: dict[str, Any] = field(default_factory=dict)
+    attrs: Attrs = NO_ATTRS
     module: nn.Module | None = None
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def params(self) -> dict[str, str]:
+        """Role -> fully qualified name of every parameter the op reads (from ``attrs``)."""
+        return {
+            f.name: v.fqn
+            for f in dataclasses.fields(self.attrs)
+            if isinstance(v := getattr(self.attrs, f.name), ParamRef)
+        }
 
     @property
     def target_str(self) -> str:
@@ -94,6 +123,134 @@ class CanonicalOp:
             return self.node.args[index]
         return self.node.kwargs.get(name, default)
 
+    def with_(self, **changes: Any) -> CanonicalOp:
+        return dataclasses.replace(self, **changes)
+
+
+View = Callable[[CanonicalOp], CanonicalOp]
+
+
+@dataclass(frozen=True, eq=False)
+class OpSpec:
+    """Everything fxprune knows about one op family, declared once in its family file.
+
+    Matching, by identity: ``modules`` (classes whose ``forward`` the module does not
+    override), ``module_types`` (classes matched with ``isinstance``, any forward),
+    ``ops`` (names of torch / ``torch.nn.functional`` / aten / ``operator`` / ``math``
+    callables, resolved once to the objects, and the same ``Tensor`` method names),
+    ``functions`` (other callables). Hooks: ``view`` fills inputs and typed attrs (and
+    may hand the node to another spec), ``rule(op, env)`` relates channels,
+    ``rewrite(op, surgery)`` fixes graph constants and module attributes after surgery,
+    ``macs(op, gm, shape)`` counts multiply-accumulates.
+    """
+
+    kind: str
+    modules: tuple[type, ...] = ()
+    module_types: tuple[type, ...] = ()
+    ops: tuple[str, ...] = ()
+    functions: tuple[Any, ...] = ()
+    view: View | None = None
+    rule: Callable[..., Any] | None = None
+    rewrite: Callable[..., None] | None = None
+    macs: Callable[..., int] | None = None
+
+    def __repr__(self) -> str:
+        return f"OpSpec({self.kind!r})"
+
+
+# Where the names of ``OpSpec.ops`` are looked up: the namespaces of torch's callables.
+_NAMESPACES: tuple[Any, ...] = (
+    torch,
+    F,
+    torch._C._nn,
+    torch._C._VariableFunctions,
+    operator,
+    math,
+    builtins,
+)
+
+
+def _resolve(name: str) -> list[Any]:
+    """The callables named ``name`` in torch's namespaces and the aten packet."""
+    found = []
+    for ns in _NAMESPACES:
+        obj = getattr(ns, name, None)
+        if obj is not None and callable(obj):
+            found.append(obj)
+    with contextlib.suppress(AttributeError, RuntimeError):
+        found.append(getattr(torch.ops.aten, name))
+    return found
+
+
+class OpRegistry:
+    """Specs by target identity: module class, function object / aten packet, method name."""
+
+    def __init__(self) -> None:
+        self.specs: list[OpSpec] = []
+        self.modules: dict[type, tuple[OpSpec, bool]] = {}  # class -> (spec, plain forward only)
+        self.functions: dict[Any, OpSpec] = {}
+        self.methods: dict[str, OpSpec] = {}
+        self.kinds: dict[str, OpSpec] = {}
+        self.loaded_by: str | None = None
+
+    def register(self, spec: OpSpec) -> OpSpec:
+        self.specs.append(spec)
+        if spec.kind in _FOUNDATION_KINDS:
+            self._put(self.kinds, spec.kind, spec)
+        for cls in spec.modules:
+            self._put(self.modules, cls, (spec, True))
+        for cls in spec.module_types:
+            self._put(self.modules, cls, (spec, False))
+        for name in spec.ops:
+            self._put(self.methods, name, spec)
+            for fn in _resolve(name):
+                self._put(self.functions, fn, spec)
+        for fn in spec.functions:
+            self._put(self.functions, fn, spec)
+        return spec
+
+    @staticmethod
+    def _put(table: dict, key: Any, value: Any) -> None:
+        have = table.get(key)
+        if have is not None and have != value:
+            raise ValueError(f"{key!r} is declared by two op specs: {have} and {value}")
+        table[key] = value
+
+    def mark_loaded(self, by: str) -> None:
+        self.loaded_by = by
+
+    def kind(self, kind: str) -> OpSpec:
+        """The spec of one of the foundation's own kinds (a bare one if none is declared)."""
+        spec = self.kinds.get(kind)
+        if spec is None:
+            spec = self.kinds[kind] = OpSpec(kind)
+        return spec
+
+    def for_module(self, mod: nn.Module) -> OpSpec | None:
+        for cls in type(mod).__mro__:
+            entry = self.modules.get(cls)
+            if entry is None:
+                continue
+            spec, plain = entry
+            # A subclass with its own forward (timm's weight-standardised conv, a
+            # channels-first LayerNorm) computes something else: treating it as its
+            # base would be a guess.
+            if not plain or type(mod).forward is cls.forward:
+                return spec
+        return None
+
+    def for_function(self, target: Any) -> OpSpec | None:
+        if isinstance(target, torch._ops.OpOverload):
+            target = target.overloadpacket
+        try:
+            return self.functions.get(target)
+        except TypeError:  # unhashable target
+            return None
+
+
+REGISTRY = OpRegistry()
+UNKNOWN = OpSpec(OpKind.UNKNOWN.value)
+
 
 # ---------------------------------------------------------------------------------------------
 # Canonical names of callables: aten overload packets, torch / F / operator / math functions.
@@ -102,32 +259,8 @@ class CanonicalOp:
 _TRUSTED_MODULES = ("torch", "operator", "_operator", "math", "builtins")
 
 
-def _known_library_functions() -> dict[Any, str]:
-    """Functions of other libraries that fxprune has a rule for, by identity."""
-    known: dict[Any, str] = {}
-    try:
-        import torchvision.ops
-
-        # Identity in eval mode; in training it scales whole samples, never single channels.
-        known[torchvision.ops.stochastic_depth] = "identity"
-    except ImportError:  # pragma: no cover - torchvision is a dependency
-        pass
-    return known
-
-
-_LIBRARY_FUNCTIONS: dict[Any, str] | None = None
-
-
 def callable_name(target: Any) -> str | None:
     """Canonical name of a call_function target, or None for user-defined functions."""
-    global _LIBRARY_FUNCTIONS
-    if _LIBRARY_FUNCTIONS is None:
-        _LIBRARY_FUNCTIONS = _known_library_functions()
-    try:
-        if target in _LIBRARY_FUNCTIONS:
-            return _LIBRARY_FUNCTIONS[target]
-    except TypeError:  # unhashable target
-        pass
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__
     if isinstance(target, torch._ops.OpOverloadPacket):
@@ -146,159 +279,13 @@ def callable_name(target: Any) -> str | None:
     return None
 
 
-# Unary element-wise ops. The flag says whether f(0) == 0: when it holds, a pruned (zeroed)
-# channel stays zero through the op, which the correctness oracle relies on.
-_UNARY: dict[str, bool] = {
-    "relu": True,
-    "relu_": True,
-    "relu6": True,
-    "gelu": True,
-    "silu": True,
-    "silu_": True,
-    "hardswish": True,
-    "hardswish_": True,
-    "mish": True,
-    "leaky_relu": True,
-    "leaky_relu_": True,
-    "elu": True,
-    "selu": True,
-    "celu": True,
-    "tanh": True,
-    "hardtanh": True,
-    "hardtanh_": True,
-    "prelu": True,
-    "softshrink": True,
-    "hardshrink": True,
-    "neg": True,
-    "abs": True,
-    "square": True,
-    "sin": True,
-    "sqrt": True,
-    "erf": True,
-    "sign": True,
-    "sigmoid": False,
-    "sigmoid_": False,
-    "hardsigmoid": False,
-    "hardsigmoid_": False,
-    "exp": False,
-    "cos": False,
-    "log": False,
-    "reciprocal": False,
-    "rsqrt": False,
-    "softplus": False,
-    "logsigmoid": False,
-    "log_sigmoid": False,
-    "pow": True,
-    "clamp": False,
-    "clip": False,
-    "clamp_min": False,
-    "clamp_max": False,
-    "float": True,
-    "half": True,
-    "bfloat16": True,
-    "to": True,
-    "type_as": True,
-    "_to_copy": True,
-}
-_BINARY = {
-    "add",
-    "add_",
-    "iadd",
-    "sub",
-    "sub_",
-    "isub",
-    "rsub",
-    "mul",
-    "mul_",
-    "imul",
-    "div",
-    "div_",
-    "truediv",
-    "itruediv",
-    "floordiv",
-    "maximum",
-    "minimum",
-    "where",
-}
-_IDENTITY = {
-    "dropout",
-    "dropout_",
-    "alpha_dropout",
-    "feature_alpha_dropout",
-    "dropout1d",
-    "dropout2d",
-    "dropout3d",
-    "clone",
-    "contiguous",
-    "detach",
-    "identity",
-    "lift_fresh_copy",
-    "alias",
-    "_assert_tensor_metadata",
-    "native_dropout",
-}
-_POOL = {
-    "max_pool1d",
-    "max_pool2d",
-    "max_pool3d",
-    "avg_pool1d",
-    "avg_pool2d",
-    "avg_pool3d",
-    "adaptive_avg_pool1d",
-    "adaptive_avg_pool2d",
-    "adaptive_avg_pool3d",
-    "adaptive_max_pool1d",
-    "adaptive_max_pool2d",
-    "adaptive_max_pool3d",
-    "interpolate",
-    "upsample",
-    "upsample_nearest2d",
-    "upsample_bilinear2d",
-    "upsample_bicubic2d",
-    "_upsample_bilinear2d_aa",
-    "max_pool2d_with_indices",
-    "lp_pool2d",
-}
-_RESHAPE = {
-    "view",
-    "reshape",
-    "flatten",
-    "unflatten",
-    "squeeze",
-    "unsqueeze",
-    "squeeze_",
-    "unsqueeze_",
-    "view_as",
-    "reshape_as",
-    "_unsafe_view",
-}
-_PERMUTE = {
-    "permute",
-    "transpose",
-    "transpose_",
-    "movedim",
-    "moveaxis",
-    "t",
-    "swapaxes",
-    "swapdims",
-}
-_EXPAND = {"expand", "expand_as", "repeat", "repeat_interleave", "tile"}
-_SPLIT = {"split", "chunk", "unbind", "split_with_sizes", "tensor_split", "unsafe_split"}
-_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"}
-_SCALAR_FUNCS = {
-    "size",
-    "dim",
-    "numel",
-    "getattr",
-    "len",
-    "sym_size",
-    "floordiv",
-    "sqrt",
-    "_guards_fn",
-    "_assert_scalar",
-    "sym_constrain_range_for_size",
-    "scalar_tensor",
-}
+def _target_label(target: Any) -> str:
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+
+
+# ---------------------------------------------------------------------------------------------
+# canonicalize
+# ---------------------------------------------------------------------------------------------
 
 
 def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
@@ -308,12 +295,17 @@ def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     # module) is not this one's.
     if cached is not None and cached.node is node:
         return cached
+    if REGISTRY.loaded_by is None:
+        raise RuntimeError(
+            "no op specs are registered: import fxprune (or fxprune.passes.channel_rules) "
+            "before canonicalizing a graph."
+        )
     op = _classify(node, gm)
     meta.put(node, meta.OP, op)
     return op
 
 
-def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
+def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [
         a
         for a in node.all_input_nodes
@@ -323,582 +315,110 @@ def _tensor_inputs(node: fx.Node) -> list[fx.Node]:
 
 def _classify(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     if node.op == "placeholder":
-        return CanonicalOp(node, OpKind.PLACEHOLDER, "input")
+        return CanonicalOp(node, REGISTRY.kind(OpKind.PLACEHOLDER.value), "input")
     if node.op == "output":
-        return CanonicalOp(node, OpKind.OUTPUT, "output", list(node.all_input_nodes))
+        return CanonicalOp(
+            node, REGISTRY.kind(OpKind.OUTPUT.value), "output", list(node.all_input_nodes)
+        )
     if node.op == "get_attr":
         return _classify_get_attr(node, gm)
     if node.op == "call_module":
         return _classify_module(node, gm)
     if node.op == "call_method":
-        return _classify_call(node, node.target, is_method=True)
+        return _classify_call(node, node.target, REGISTRY.methods.get(node.target))
     if node.op == "call_function":
+        spec = REGISTRY.for_function(node.target)
         name = callable_name(node.target)
-        if name is None:
-            return CanonicalOp(
-                node, OpKind.UNKNOWN, _target_label(node.target), _tensor_inputs(node)
-            )
-        return _classify_call(node, name, is_method=False)
-    return CanonicalOp(node, OpKind.UNKNOWN, str(node.op), _tensor_inputs(node))
-
-
-def _target_label(target: Any) -> str:
-    return getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or str(target)
+        if name is None and spec is None:
+            return CanonicalOp(node, UNKNOWN, _target_label(node.target), tensor_inputs(node))
+        return _classify_call(node, name or _target_label(node.target), spec)
+    return CanonicalOp(node, UNKNOWN, str(node.op), tensor_inputs(node))
 
 
 def _classify_get_attr(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
     try:
-        value = _fetch_attr(gm, node.target)
+        value = fetch_attr(gm, node.target)
     except AttributeError:
         value = None
     if isinstance(value, torch.Tensor):
-        return CanonicalOp(node, OpKind.PARAM, "param", params={"value": node.target})
-    return CanonicalOp(node, OpKind.SCALAR, "attr")
+        return CanonicalOp(
+            node,
+            REGISTRY.kind(OpKind.PARAM.value),
+            "param",
+            attrs=ValueAttrs(ParamRef(node.target)),
+        )
+    return CanonicalOp(node, REGISTRY.kind(OpKind.SCALAR.value), "attr")
 
 
-def _fetch_attr(gm: nn.Module, target: str) -> Any:
+def fetch_attr(gm: nn.Module, target: str) -> Any:
     obj: Any = gm
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
 
 
-def _plain(mod: nn.Module, classes: type | tuple[type, ...]) -> bool:
-    """``mod`` is one of ``classes`` and does not override its forward.
-
-    A subclass with its own forward (timm's weight-standardised conv, a channels-first
-    LayerNorm) computes something else: treating it as its base would be a guess.
-    """
-    classes = classes if isinstance(classes, tuple) else (classes,)
-    return any(isinstance(mod, c) and type(mod).forward is c.forward for c in classes)
-
-
 def _classify_module(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
-    mod = _fetch_attr(gm, node.target)
-    ins = _tensor_inputs(node)
-    prefix = node.target
+    mod = fetch_attr(gm, node.target)
+    ins = tensor_inputs(node)
+    label = f"module {type(mod).__name__}"
     if meta.tensor_value(node) is None and not node.users:
         # torch.export's input guards (_guards_fn) and other calls made for effect only.
-        return CanonicalOp(node, OpKind.SCALAR, f"module {type(mod).__name__}", ins, module=mod)
-
-    def params(*roles: str) -> dict[str, str]:
-        return {r: f"{prefix}.{r}" for r in roles if getattr(mod, r, None) is not None}
-
-    if _plain(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return CanonicalOp(
-            node,
-            OpKind.CONV,
-            "conv",
-            ins,
-            params("weight", "bias"),
-            {"groups": mod.groups, "channel_dim": 1},
-            mod,
-        )
-    if _plain(mod, (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)):
-        return CanonicalOp(
-            node,
-            OpKind.CONV_TRANSPOSE,
-            "conv_transpose",
-            ins,
-            params("weight", "bias"),
-            {"groups": mod.groups, "channel_dim": 1},
-            mod,
-        )
-    if _plain(mod, nn.Linear):
-        return CanonicalOp(node, OpKind.LINEAR, "linear", ins, params("weight", "bias"), {}, mod)
-    if _plain(mod, nn.modules.batchnorm._BatchNorm):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "batch_norm",
-            ins,
-            params("weight", "bias", "running_mean", "running_var"),
-            {"norm": "batch", "channel_dim": 1},
-            mod,
-        )
-    if _plain(mod, nn.modules.instancenorm._InstanceNorm):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "instance_norm",
-            ins,
-            params("weight", "bias", "running_mean", "running_var"),
-            {"norm": "instance", "channel_dim": 1},
-            mod,
-        )
-    if _plain(mod, nn.LayerNorm):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "layer_norm",
-            ins,
-            params("weight", "bias"),
-            {"norm": "layer", "normalized_ndim": len(mod.normalized_shape)},
-            mod,
-        )
-    if _plain(mod, nn.GroupNorm):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "group_norm",
-            ins,
-            params("weight", "bias"),
-            {"norm": "group", "num_groups": mod.num_groups, "channel_dim": 1},
-            mod,
-        )
-    if hasattr(nn, "RMSNorm") and _plain(mod, nn.RMSNorm):
-        shape = mod.normalized_shape
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "rms_norm",
-            ins,
-            params("weight"),
-            {"norm": "rms", "normalized_ndim": len(shape)},
-            mod,
-        )
-    if _plain(mod, nn.Embedding):
-        return CanonicalOp(node, OpKind.EMBEDDING, "embedding", ins, params("weight"), {}, mod)
-    from fxprune.modules import PrunedMultiheadAttention
-
-    if _plain(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)):
-        roles = (
-            "in_proj_weight",
-            "in_proj_bias",
-            "q_proj_weight",
-            "k_proj_weight",
-            "v_proj_weight",
-            "bias_k",
-            "bias_v",
-        )
-        p = params(*roles)
-        p["out_proj.weight"] = f"{prefix}.out_proj.weight"
-        if mod.out_proj.bias is not None:
-            p["out_proj.bias"] = f"{prefix}.out_proj.bias"
-        return CanonicalOp(
-            node,
-            OpKind.MHA,
-            "multihead_attention",
-            ins,
-            p,
-            {
-                "num_heads": mod.num_heads,
-                "embed_dim": mod.embed_dim,
-                "head_dim": getattr(mod, "head_dim", mod.embed_dim // mod.num_heads),
-                "v_head_dim": getattr(mod, "v_head_dim", mod.embed_dim // mod.num_heads),
-                "batch_first": mod.batch_first,
-            },
-            mod,
-        )
-    if _plain(mod, nn.PReLU):
-        kind = OpKind.ELEMENTWISE
-        return CanonicalOp(
-            node,
-            kind,
-            "prelu",
-            ins,
-            params("weight"),
-            {"arity": 1, "zero_preserving": True, "channel_dim": 1},
-            mod,
-        )
-    if isinstance(
-        mod, (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
-    ):
-        return CanonicalOp(node, OpKind.IDENTITY, "identity", ins, {}, {}, mod)
-    if isinstance(
-        mod,
-        (
-            nn.ReLU,
-            nn.ReLU6,
-            nn.GELU,
-            nn.SiLU,
-            nn.Hardswish,
-            nn.Mish,
-            nn.LeakyReLU,
-            nn.ELU,
-            nn.SELU,
-            nn.CELU,
-            nn.Tanh,
-            nn.Hardtanh,
-            nn.Softshrink,
-            nn.Hardshrink,
-        ),
-    ):
-        return CanonicalOp(
-            node,
-            OpKind.ELEMENTWISE,
-            type(mod).__name__.lower(),
-            ins,
-            {},
-            {"arity": 1, "zero_preserving": True},
-            mod,
-        )
-    if _plain(mod, (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)):
-        return CanonicalOp(
-            node,
-            OpKind.ELEMENTWISE,
-            type(mod).__name__.lower(),
-            ins,
-            {},
-            {"arity": 1, "zero_preserving": False},
-            mod,
-        )
-    if isinstance(
-        mod,
-        (
-            nn.MaxPool1d,
-            nn.MaxPool2d,
-            nn.MaxPool3d,
-            nn.AvgPool1d,
-            nn.AvgPool2d,
-            nn.AvgPool3d,
-            nn.AdaptiveAvgPool1d,
-            nn.AdaptiveAvgPool2d,
-            nn.AdaptiveAvgPool3d,
-            nn.AdaptiveMaxPool1d,
-            nn.AdaptiveMaxPool2d,
-            nn.AdaptiveMaxPool3d,
-            nn.Upsample,
-            nn.UpsamplingNearest2d,
-            nn.UpsamplingBilinear2d,
-            nn.LPPool2d,
-        ),
-    ):
-        return CanonicalOp(node, OpKind.POOL, "pool", ins, {}, {"channel_dim": 1}, mod)
-    if isinstance(
-        mod,
-        (
-            nn.ZeroPad2d,
-            nn.ConstantPad1d,
-            nn.ConstantPad2d,
-            nn.ConstantPad3d,
-            nn.ReflectionPad1d,
-            nn.ReflectionPad2d,
-            nn.ReplicationPad1d,
-            nn.ReplicationPad2d,
-        ),
-    ):
-        return CanonicalOp(node, OpKind.PAD, "pad", ins, {}, {"pad": tuple(mod.padding)}, mod)
-    if _plain(mod, nn.Flatten):
-        return CanonicalOp(node, OpKind.RESHAPE, "flatten", ins, {}, {}, mod)
-    if _plain(mod, nn.Unflatten):
-        return CanonicalOp(node, OpKind.RESHAPE, "unflatten", ins, {}, {}, mod)
-    if _plain(mod, (nn.Softmax, nn.LogSoftmax)):
-        return CanonicalOp(node, OpKind.SOFTMAX, "softmax", ins, {}, {"dim": mod.dim}, mod)
-    if _plain(mod, (nn.PixelShuffle, nn.PixelUnshuffle)):
-        up = _plain(mod, nn.PixelShuffle)
-        factor = mod.upscale_factor if up else mod.downscale_factor
-        return CanonicalOp(
-            node,
-            OpKind.PIXEL_SHUFFLE,
-            "pixel_shuffle" if up else "pixel_unshuffle",
-            ins,
-            {},
-            {"factor": factor, "up": up},
-            mod,
-        )
-    if _plain(mod, nn.ChannelShuffle):
-        return CanonicalOp(node, OpKind.UNKNOWN, "ChannelShuffle module", ins, {}, {}, mod)
-    return CanonicalOp(node, OpKind.UNKNOWN, f"module {type(mod).__name__}", ins, {}, {}, mod)
+        return CanonicalOp(node, REGISTRY.kind(OpKind.SCALAR.value), label, ins, module=mod)
+    spec = REGISTRY.for_module(mod)
+    op = CanonicalOp(node, spec or UNKNOWN, label, ins, module=mod)
+    return spec.view(op) if spec is not None and spec.view is not None else op
 
 
-def _is_param_node(n: Any) -> bool:
-    return isinstance(n, fx.Node) and n.op == "get_attr"
+_NUMBERS = (int, float, bool, torch.SymInt, torch.SymFloat, torch.SymBool)
 
 
-def _classify_call(node: fx.Node, name: str, is_method: bool) -> CanonicalOp:
-    ins = _tensor_inputs(node)
-    args = node.args
-    kw = node.kwargs
-
-    def a(i: int, key: str, default: Any = None) -> Any:
-        return args[i] if i < len(args) else kw.get(key, default)
-
+def _classify_call(node: fx.Node, name: str, spec: OpSpec | None) -> CanonicalOp:
+    ins = tensor_inputs(node)
+    value = meta.tensor_value(node)
     if (
         not meta.is_tensor_node(node)
         and meta.output_values(node) is None
-        and (name in _SCALAR_FUNCS or meta.tensor_value(node) is None or not ins)
+        and (
+            (spec is not None and spec.kind == OpKind.SCALAR)
+            or value is None
+            or isinstance(value, _NUMBERS)
+            or not ins
+        )
     ):
-        return CanonicalOp(node, OpKind.SCALAR, name, ins)
-    if name in ("conv1d", "conv2d", "conv3d", "convolution", "_convolution"):
-        if name in ("convolution", "_convolution") and a(6, "transposed", False):
-            return CanonicalOp(
-                node,
-                OpKind.CONV_TRANSPOSE,
-                "conv_transpose",
-                [args[0]],
-                _fn_params(node, 1, 2),
-                {"groups": a(8, "groups", 1), "channel_dim": 1},
-            )
-        groups = a(8 if name in ("convolution", "_convolution") else 6, "groups", 1)
-        return CanonicalOp(
-            node,
-            OpKind.CONV,
-            "conv",
-            [args[0]],
-            _fn_params(node, 1, 2),
-            {"groups": groups, "channel_dim": 1},
-        )
-    if name in ("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"):
-        return CanonicalOp(
-            node,
-            OpKind.CONV_TRANSPOSE,
-            "conv_transpose",
-            [args[0]],
-            _fn_params(node, 1, 2),
-            {"groups": a(6, "groups", 1), "channel_dim": 1},
-        )
-    if name in ("linear", "addmm"):
-        if name == "addmm":  # addmm(bias, x, w.t()) is not produced by our frontends; be safe
-            return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
-        return CanonicalOp(node, OpKind.LINEAR, "linear", [args[0]], _fn_params(node, 1, 2))
-    if name in (
-        "batch_norm",
-        "_native_batch_norm_legit_no_training",
-        "_native_batch_norm_legit",
-        "native_batch_norm",
-        "cudnn_batch_norm",
-    ):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "batch_norm",
-            [args[0]],
-            _norm_params(node),
-            {"norm": "batch", "channel_dim": 1},
-        )
-    if name in ("instance_norm",):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "instance_norm",
-            [args[0]],
-            _norm_params(node),
-            {"norm": "instance", "channel_dim": 1},
-        )
-    if name in ("layer_norm", "native_layer_norm"):
-        shape = a(1, "normalized_shape")
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "layer_norm",
-            [args[0]],
-            _fn_params(node, 2, 3),
-            {"norm": "layer", "normalized_ndim": len(shape)},
-        )
-    if name in ("rms_norm", "_fused_rms_norm"):
-        shape = a(1, "normalized_shape")
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "rms_norm",
-            [args[0]],
-            _fn_params(node, 2, None),
-            {"norm": "rms", "normalized_ndim": len(shape)},
-        )
-    if name in ("group_norm", "native_group_norm"):
-        return CanonicalOp(
-            node,
-            OpKind.NORM,
-            "group_norm",
-            [args[0]],
-            _fn_params(node, 2, 3),
-            {"norm": "group", "num_groups": a(1, "num_groups"), "channel_dim": 1},
-        )
-    if name == "embedding":
-        # F.embedding(input, weight) vs aten.embedding(weight, indices)
-        w_idx = 0 if isinstance(node.target, torch._ops.OpOverload) else 1
-        w = args[w_idx]
-        idx = args[1 - w_idx]
-        p = {"weight": w.target} if _is_param_node(w) else {}
-        return CanonicalOp(node, OpKind.EMBEDDING, "embedding", [idx], p, {"weight_node": w})
-    if name in _UNARY:
-        if name in ("to", "_to_copy", "float", "half", "bfloat16", "type_as"):
-            return CanonicalOp(node, OpKind.IDENTITY, name, ins[:1])
-        if name == "pow" and not (
-            len(args) > 1 and isinstance(args[1], (int, float)) and args[1] > 0
-        ):
-            return CanonicalOp(
-                node,
-                OpKind.ELEMENTWISE,
-                name,
-                ins,
-                attrs={"arity": len(ins), "zero_preserving": False},
-            )
-        return CanonicalOp(
-            node, OpKind.ELEMENTWISE, name, ins, attrs={"arity": 1, "zero_preserving": _UNARY[name]}
-        )
-    if name in _BINARY:
-        return CanonicalOp(
-            node,
-            OpKind.ELEMENTWISE,
-            name,
-            ins,
-            attrs={
-                "arity": len(ins),
-                "zero_preserving": None,
-                "scalar_args": [
-                    x
-                    for x in list(args) + list(kw.values())
-                    if isinstance(x, (int, float)) and not isinstance(x, bool)
-                ],
-            },
-        )
-    if name in _IDENTITY:
-        return CanonicalOp(node, OpKind.IDENTITY, name, ins[:1])
-    if name in _POOL:
-        return CanonicalOp(node, OpKind.POOL, name, ins[:1], attrs={"channel_dim": 1})
-    if name in ("pad", "constant_pad_nd", "reflection_pad2d", "replication_pad2d"):
-        return CanonicalOp(node, OpKind.PAD, "pad", ins[:1], attrs={"pad": tuple(a(1, "pad"))})
-    if name == "cat" or name == "concat" or name == "concatenate":
-        tensors = a(0, "tensors")
-        return CanonicalOp(node, OpKind.CAT, "cat", list(tensors), attrs={"dim": a(1, "dim", 0)})
-    if name == "stack":
-        return CanonicalOp(node, OpKind.UNKNOWN, "stack", ins)
-    if name in _SPLIT:
-        return _split_op(node, name, ins, a)
-    if name == "getitem":
-        src = args[0]
-        if isinstance(src, fx.Node) and meta.is_tensor_node(src):
-            return CanonicalOp(node, OpKind.SLICE, "getitem", [src], attrs={"index": args[1]})
-        return CanonicalOp(
-            node,
-            OpKind.GETITEM,
-            "getitem",
-            [src] if isinstance(src, fx.Node) else [],
-            attrs={"index": args[1]},
-        )
-    if name in ("narrow", "slice"):
-        if name == "narrow":
-            dim, start, length = a(1, "dim"), a(2, "start"), a(3, "length")
-            return CanonicalOp(
-                node,
-                OpKind.SLICE,
-                "narrow",
-                ins[:1],
-                attrs={"dim": dim, "start": start, "end": start + length, "step": 1},
-            )
-        return CanonicalOp(
-            node,
-            OpKind.SLICE,
-            "slice",
-            ins[:1],
-            attrs={
-                "dim": a(1, "dim", 0),
-                "start": a(2, "start"),
-                "end": a(3, "end"),
-                "step": a(4, "step", 1),
-            },
-        )
-    if name == "select":
-        return CanonicalOp(
-            node,
-            OpKind.SELECT,
-            "select",
-            ins[:1],
-            attrs={"dim": a(1, "dim"), "index": a(2, "index")},
-        )
-    if name in _RESHAPE:
-        return CanonicalOp(node, OpKind.RESHAPE, name, ins[:1])
-    if name in _PERMUTE:
-        return CanonicalOp(node, OpKind.PERMUTE, name, ins[:1])
-    if name in _EXPAND:
-        return CanonicalOp(node, OpKind.EXPAND, name, ins[:1])
-    if name in ("matmul", "bmm", "mm", "__matmul__"):
-        return CanonicalOp(node, OpKind.MATMUL, "matmul", [args[0], args[1]])
-    if name == "einsum":
-        return CanonicalOp(node, OpKind.MATMUL, "einsum", ins, attrs={"equation": args[0]})
-    if name in ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"):
-        scale = kw.get("scale", None)
-        return CanonicalOp(
-            node,
-            OpKind.SDPA,
-            "sdpa",
-            [args[0], args[1], args[2]],
-            attrs={
-                "mask": a(3, "attn_mask"),
-                "scale": scale,
-                "enable_gqa": kw.get("enable_gqa", False),
-            },
-        )
-    if name in ("softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax"):
-        return CanonicalOp(node, OpKind.SOFTMAX, "softmax", ins[:1], attrs={"dim": a(1, "dim")})
-    if name in _REDUCE:
-        dim = a(1, "dim")
-        return CanonicalOp(
-            node,
-            OpKind.REDUCE,
-            name,
-            ins[:1],
-            attrs={
-                "dim": dim,
-                "keepdim": a(2, "keepdim", False),
-                "normalizing": name in ("mean", "std", "var", "norm", "logsumexp"),
-            },
-        )
-    if name in ("pixel_shuffle", "pixel_unshuffle"):
-        return CanonicalOp(
-            node,
-            OpKind.PIXEL_SHUFFLE,
-            name,
-            ins[:1],
-            attrs={
-                "factor": a(1, "upscale_factor" if name == "pixel_shuffle" else "downscale_factor"),
-                "up": name == "pixel_shuffle",
-            },
-        )
-    if name in _SCALAR_FUNCS:
-        return CanonicalOp(node, OpKind.SCALAR, name, ins)
-    return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
+        return CanonicalOp(node, REGISTRY.kind(OpKind.SCALAR.value), name, ins)
+    op = CanonicalOp(node, spec or UNKNOWN, name, ins)
+    return spec.view(op) if spec is not None and spec.view is not None else op
 
 
-def _split_op(node: fx.Node, name: str, ins: list[fx.Node], a: Callable) -> CanonicalOp:
-    if name == "unbind":
-        return CanonicalOp(
-            node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(1, "dim", 0), "unbind": True}
-        )
-    if name == "chunk":
-        return CanonicalOp(
-            node,
-            OpKind.SPLIT,
-            name,
-            ins[:1],
-            attrs={"dim": a(2, "dim", 0), "chunks": a(1, "chunks")},
-        )
-    if name == "tensor_split":
-        return CanonicalOp(node, OpKind.UNKNOWN, name, ins)
-    size = a(1, "split_size_or_sections", a(1, "split_size", a(1, "split_sizes")))
-    return CanonicalOp(
-        node, OpKind.SPLIT, name, ins[:1], attrs={"dim": a(2, "dim", 0), "size": size}
-    )
+# ---------------------------------------------------------------------------------------------
+# Helpers for views and rules
+# ---------------------------------------------------------------------------------------------
 
 
-def _norm_params(node: fx.Node) -> dict[str, str]:
-    """Parameters of batch/instance norm calls, whose argument order depends on the API."""
-    if node.target in (F.batch_norm, F.instance_norm):
-        # F.batch_norm(input, running_mean, running_var, weight, bias, ...)
-        p = _fn_params(node, 1, 2, roles=("running_mean", "running_var"))
-        p.update(_fn_params(node, 3, 4))
-        return p
-    # aten / torch.batch_norm(input, weight, bias, running_mean, running_var, ...)
-    p = _fn_params(node, 1, 2)
-    p.update(_fn_params(node, 3, 4, roles=("running_mean", "running_var")))
-    return p
+def param_arg(op: CanonicalOp, index: int, key: str) -> ParamRef | fx.Node | None:
+    """Argument ``index``/``key`` as a parameter (``get_attr``), a computed tensor, or None."""
+    v = op.arg(index, key)
+    if isinstance(v, fx.Node):
+        return ParamRef(v.target) if v.op == "get_attr" else v
+    return None
 
 
-def _fn_params(
-    node: fx.Node, w: int | None, b: int | None, roles: tuple[str, str] = ("weight", "bias")
-) -> dict[str, str]:
-    out = {}
-    for role, idx in zip(roles, (w, b)):
-        if idx is None:
-            continue
-        v = node.args[idx] if idx < len(node.args) else node.kwargs.get(role)
-        if _is_param_node(v):
-            out[role] = v.target
-        elif isinstance(v, fx.Node):
-            out[role] = f"<tensor {v.name}>"
-    return out
+def module_param(op: CanonicalOp, attr: str) -> ParamRef | None:
+    """The module's parameter or buffer ``attr`` (dotted), if it has one."""
+    obj: Any = op.module
+    for part in attr.split("."):
+        obj = getattr(obj, part, None)
+    return ParamRef(f"{op.node.target}.{attr}") if obj is not None else None
+
+
+def param_shape(gm: nn.Module, ref: Any) -> tuple[int, ...] | None:
+    """Shape of the parameter ``ref`` names (None for anything else)."""
+    if not isinstance(ref, ParamRef):
+        return None
+    try:
+        return tuple(fetch_attr(gm, ref.fqn).shape)
+    except AttributeError:
+        return None
 
 
 def normalize_dim(dim: int, ndim: int) -> int:
@@ -909,5 +429,21 @@ def prod(xs: Any) -> int:
     return math.prod(int(x) for x in xs)
 
 
-__all__ = ["CanonicalOp", "OpKind", "callable_name", "canonicalize", "normalize_dim", "prod"]
-_ = (F, operator)
+__all__ = [
+    "NO_ATTRS",
+    "REGISTRY",
+    "Attrs",
+    "CanonicalOp",
+    "OpKind",
+    "OpSpec",
+    "ParamRef",
+    "callable_name",
+    "canonicalize",
+    "fetch_attr",
+    "module_param",
+    "normalize_dim",
+    "param_arg",
+    "param_shape",
+    "prod",
+    "tensor_inputs",
+]

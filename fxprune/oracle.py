@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -39,6 +39,7 @@ from torch.utils._pytree import tree_flatten
 from fxprune import meta
 from fxprune.channels import Layout, PruneGroup
 from fxprune.errors import VerificationError
+from fxprune.graph_modes import ExportedModule, in_mode
 from fxprune.trace import ExampleInputs, flat_inputs, trace
 
 logger = logging.getLogger(__name__)
@@ -118,22 +119,40 @@ def index_kept(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _keep_mask(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
-    mask = torch.ones(t.shape, dtype=torch.bool, device=t.device)
+def _masked(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
+    """A new tensor: ``t`` with every coordinate outside the kept indices of ``dims`` zero."""
+    dropped = {}
     for d, idx in dims.items():
         keep = torch.zeros(t.shape[d], dtype=torch.bool, device=t.device)
         idx = torch.as_tensor(idx, dtype=torch.long, device=t.device)
         keep[idx[idx >= 0]] = True
-        shape = [1] * t.dim()
-        shape[d] = -1
-        mask &= keep.view(shape)
-    return mask
+        if not bool(keep.all()):
+            dropped[d] = (~keep).nonzero().flatten()
+    out = t.detach()
+    if dropped:
+        out = out.clone()  # ``t`` itself is never written
+        for d, where in dropped.items():
+            out.index_fill_(d, where, 0)
+    return out
+
+
+def _replace(module: nn.Module, fqn: str, value: torch.Tensor) -> None:
+    prefix, _, name = fqn.rpartition(".")
+    owner = module.get_submodule(prefix) if prefix else module
+    if name in owner._parameters:
+        owner._parameters[name] = nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
 
 
 def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) -> nn.Module:
     """A copy of ``original`` in eval mode, every coordinate not in ``kept`` set to zero.
 
-    ``in_place=True`` masks ``original`` itself: only for a private copy nobody else uses.
+    ``in_place=True`` masks ``original`` itself, for a private copy nobody else runs
+    (prune's :func:`snapshot`): its masked tensors are replaced by new ones, never written,
+    since they may be shared.
     """
     m = original if in_place else copy.deepcopy(original)
     _eval(m)
@@ -144,8 +163,57 @@ def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) 
                 raise VerificationError(
                     f"the result keeps indices of {fqn}, which the original model does not have."
                 )
-            t.mul_(_keep_mask(t, dims).to(t.dtype))
+            _replace(m, fqn, _masked(t, dims))
     return m
+
+
+_VERSIONS = "fxprune.tensor_versions"
+
+
+def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
+    """The oracle's reference for a prune: a copy of ``gm``'s graph and modules that shares
+    its tensors (no weight is copied) and records their version counters.
+
+    Surgery gives the pruned graph new tensors and leaves these alone; any in-place write
+    to one of them would bump its counter, and :func:`check_snapshot` then refuses to
+    trust the reference.
+    """
+    copied = _share_tensors(gm)
+    # Its own class, holding the forward gm has now: gm's surgery recompiles gm's class.
+    copied.__class__ = type(
+        type(gm).__name__, (type(gm).__mro__[1],), {"forward": gm.forward.__func__}
+    )
+    graph = copy.deepcopy(gm.graph)  # surgery rewrites gm.graph in place
+    graph.owning_module = copied
+    copied.__dict__["_graph"] = graph  # the same code as gm's: nothing to recompile
+    copied.__dict__["meta"] = dict(gm.meta)
+    copied.meta[_VERSIONS] = {name: t._version for name, t in _named_tensors(copied).items()}
+    return copied
+
+
+def _share_tensors(module: nn.Module) -> nn.Module:
+    """New module objects all the way down, holding the same tensors (a deepcopy copies
+    every weight, and costs more than the forward this reference is made for)."""
+    new = object.__new__(type(module))
+    state = dict(module.__dict__)
+    state["_parameters"] = dict(module._parameters)
+    state["_buffers"] = dict(module._buffers)
+    state["_modules"] = {
+        k: None if m is None else _share_tensors(m) for k, m in module._modules.items()
+    }
+    new.__dict__.update(state)
+    return new
+
+
+def check_snapshot(original: fx.GraphModule) -> None:
+    """Raise if a tensor of a :func:`snapshot` was written in place since it was taken."""
+    versions = original.meta.get(_VERSIONS, {})
+    for name, t in _named_tensors(original).items():
+        if name in versions and t._version != versions[name]:
+            raise VerificationError(
+                f"the original's tensor {name} was modified in place while pruning, so the "
+                "masked original is no reference; surgery must replace tensors, not write them."
+            )
 
 
 def _named_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -244,7 +312,8 @@ def _is_pruned(group: PruneGroup, kept: Kept, original: nn.Module) -> bool:
 
 
 # -- outputs ------------------------------------------------------------------------------------
-def _outputs(module: nn.Module, inputs: Any) -> list[torch.Tensor]:
+def float_outputs(module: nn.Module, inputs: Any) -> list[torch.Tensor]:
+    """The floating-point tensors ``module`` returns on ``inputs`` (no grad), flattened."""
     ex = ExampleInputs.of(inputs)
     with torch.no_grad():
         out = module(*ex.args, **ex.kwargs)
@@ -284,13 +353,26 @@ def check(
     """
     checked = check_params(original, pruned, kept)
     masked = masked_original(original, kept, in_place=original_is_private)
-    run = _eval_copy(pruned)
-    ref, got = _outputs(masked, example_inputs), _outputs(run, example_inputs)
+    with _in_eval(pruned) as run:
+        ref, got = float_outputs(masked, example_inputs), float_outputs(run, example_inputs)
+        return _comparefloat_outputs(
+            ref, got, checked, inexact, lambda: _locate(locate, masked, run)
+        )
+
+
+def _comparefloat_outputs(
+    ref: list[torch.Tensor],
+    got: list[torch.Tensor],
+    checked: int,
+    inexact: str | None,
+    where: Callable[[], str | None],
+) -> VerificationReport:
+    """The verdict on the outputs; ``where()`` names the first diverging node on failure."""
 
     def fail(message: str) -> VerificationError:
-        where = _locate(locate, masked, run)
-        if where:
-            return VerificationError(f"{message} First diverging node: {where}.")
+        node = where()
+        if node:
+            return VerificationError(f"{message} First diverging node: {node}.")
         return VerificationError(
             f"{message} (No node could be named: the result carries no graph plan, "
             "or no intermediate node differs.)"
@@ -335,13 +417,36 @@ def _eval(module: nn.Module) -> None:
         module.train(False)
 
 
-def _eval_copy(module: nn.Module) -> nn.Module:
-    """``module`` itself in eval mode, or an eval-mode copy: the caller's mode is left alone."""
+@contextlib.contextmanager
+def eval_flags(module: nn.Module) -> Iterator[None]:
+    """Every submodule's training flag off inside, each restored after. Per module, since
+    torch.export graph modules refuse ``.eval()`` on themselves; their graph keeps its mode."""
+    flags = {m: m.training for m in module.modules()}
+    for m in flags:
+        m.training = False
+    try:
+        yield
+    finally:
+        for m, training in flags.items():
+            m.training = training
+
+
+@contextlib.contextmanager
+def _in_eval(module: nn.Module) -> Iterator[nn.Module]:
+    """``module`` in eval mode inside, its modules' own flags as they were after.
+
+    A graph from torch.export switches its graph with the mode, which flags alone would not
+    restore: that one is run as an eval-mode copy instead.
+    """
     if not any(m.training for m in module.modules()):
-        return module
-    m = copy.deepcopy(module)
-    _eval(m)
-    return m
+        yield module
+    elif isinstance(module, ExportedModule) or hasattr(module, "_in_spec"):
+        m = copy.deepcopy(module)
+        _eval(m)
+        yield m
+    else:
+        with in_mode(module, False):
+            yield module
 
 
 # -- locating the first diverging node ----------------------------------------------------------

@@ -19,12 +19,25 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxprune import meta, validate
-from fxprune.analysis import IgnoreSpec, ignore_spec, ignored_prefixes, run_analysis
-from fxprune.channels import Layout
+from fxprune import validate
+from fxprune.analysis import IgnoreSpec, analysis_passes, ignore_spec, ignored_prefixes
+from fxprune.artifacts import (
+    GROUPS,
+    KEPT,
+    LAYOUTS,
+    PLAN,
+    SELECTION,
+    SELECTION_NOTES,
+    VERIFICATION,
+)
 from fxprune.errors import PruneError
 from fxprune.oracle import GraphPlan
-from fxprune.pass_infra import Instrument, PassContext, PassManager
+from fxprune.pass_infra import Instrument, Pass, PassContext, PassManager, PassResult
+from fxprune.passes.importance import ImportancePass, taylor_grads
+from fxprune.passes.plan_channels import PlanChannelsPass, TargetMacsPass
+from fxprune.passes.select_channels import SelectChannelsPass, SelectionOptions
+from fxprune.passes.surgery import SurgeryPass
+from fxprune.passes.verify import SnapshotPass, VerifyPass
 from fxprune.report import GroupRow, PruneReport, count_params, graph_macs
 from fxprune.trace import ExampleInputs, trace
 
@@ -135,8 +148,6 @@ def prune(
     validate.eval_mode_for_export(model, gm.meta.get("fxprune.frontend", frontend), verify)
     grads = None
     if importance == "taylor":
-        from fxprune.passes.importance import taylor_grads
-
         grads = taylor_grads(copy.deepcopy(model), calibration, loss_fn)
     res = _prune_graph(
         gm,
@@ -262,78 +273,102 @@ def _prune_graph(
     check: bool = False,
     prior: Callable[[list], dict[str, Any]] | None = None,
 ) -> PruneResult:
-    """``prior(groups)``: what earlier steps did to the groups (Pruner), as extra
-    SelectionOptions fields (``original_sizes``, ``padding``)."""
-    from fxprune.passes.importance import ImportancePass
-    from fxprune.passes.select_channels import SelectChannelsPass, SelectionOptions
-    from fxprune.passes.surgery import ChannelPlan, SurgeryPass
-    from fxprune.passes.verify import VerifyPass
+    """Run the prune pipeline on ``gm`` (one PassManager, so instruments see every pass).
 
+    ``prior(groups)``: what earlier steps did to the groups (Pruner), as extra
+    SelectionOptions fields (``original_sizes``, ``padding``)."""
     if head_mode is None:
         head_mode = "heads" if round_to == "heads" else "auto"
-    align_to = 1 if round_to == "heads" else int(round_to)
     frontend = gm.meta.get("fxprune.frontend", "fx")
-    ctx = PassContext(example_inputs=example_inputs)
-    groups, env, ctx = run_analysis(gm, ignored, head_mode, ctx)
     macs_before, params_before = graph_macs(gm), count_params(gm)
-    original = copy.deepcopy(gm) if verify else None
-    layouts = {n.name: meta.get(n, meta.LAYOUT) for n in gm.graph.nodes}
-    PassManager(
-        [ImportancePass(importance, reduction, normalize, grads)],
+    opts = SelectionOptions(
+        ratio=ratio,
+        round_to=1 if round_to == "heads" else int(round_to),
+        align=align,
+        global_ranking=global_ranking,
+        max_ratio=max_ratio,
+        min_channels=min_channels,
+        ratios=ratios,
+        history=prior,
+    )
+    select = (
+        SelectChannelsPass(opts)
+        if target_macs is None
+        else TargetMacsPass(opts, target_macs, macs_before)
+    )
+    pipeline = PassManager(
+        [
+            *([SnapshotPass()] if verify else []),
+            *analysis_passes(ignored, head_mode),
+            ImportancePass(importance, reduction, normalize, grads),
+            select,
+            PlanChannelsPass(),
+            SurgeryPass(),
+            *([VerifyPass()] if verify else []),
+        ],
         check=check,
         instruments=instruments,
-    ).run(gm, ctx)
-
-    earlier = prior(groups) if prior is not None else {}
-
-    def select(r: float) -> None:
-        opts = SelectionOptions(
-            ratio=r,
-            round_to=align_to,
-            align=align,
-            global_ranking=global_ranking,
-            max_ratio=max_ratio,
-            min_channels=min_channels,
-            ratios=ratios,
-            **earlier,
-        )
-        SelectChannelsPass(opts).call(gm, ctx)
-
-    if target_macs is not None:
-        _search_ratio(gm, ctx, select, macs_before, target_macs, max_ratio)
-    else:
-        select(ratio)
-    stage = PlanStage(
-        head_mode,
-        ignored,
-        {gid: sel.clone() for gid, sel in ctx.results["selection"].items()},
-        {g.id: g.size for g in groups},
+        name="prune",
     )
-    plan = ChannelPlan(env, groups, ctx.results["selection"])
-    ctx.results.update(plan=plan, layouts=layouts, original=original)
-    rows = _group_rows(groups, ctx.results["selection"], ctx.results.get("selection_notes", {}))
-    passes = [SurgeryPass()] + ([VerifyPass()] if verify else [])
-    PassManager(passes, check=check, instruments=instruments).run(gm, ctx)
+    ctx = PassContext(example_inputs)
+    pipeline.run(gm, ctx)
+    groups, selection = ctx[GROUPS], ctx[SELECTION]
+    verification = ctx.get(VERIFICATION)
     report = PruneReport(
         macs_before=macs_before,
         macs_after=graph_macs(gm),
         params_before=params_before,
         params_after=count_params(gm),
-        groups=rows,
+        groups=_group_rows(groups, selection, ctx[SELECTION_NOTES]),
         frozen=sum(not g.prunable for g in groups),
-        verified=ctx.results.get("verified", "not run (verify=False)"),
-        max_error=ctx.results.get("max_error"),
+        verified=verification.summary if verification else "not run (verify=False)",
+        max_error=verification.max_error if verification and verification.exact else None,
         frontend=frontend,
+    )
+    stage = PlanStage(
+        head_mode,
+        ignored,
+        {gid: sel.clone() for gid, sel in selection.items()},
+        {g.id: g.size for g in groups},
     )
     return PruneResult(
         gm,
-        ctx.results.get("kept", {}),
+        ctx[KEPT],
         report,
         groups,
         [stage],
         ExampleInputs.of(example_inputs),
-        graph_plan=GraphPlan(plan, layouts),
+        graph_plan=GraphPlan(ctx[PLAN], ctx[LAYOUTS]),
     )
+
+
+class ReplaySelectionPass(Pass):
+    """The selection a saved plan stage holds, once the groups are checked to be the same."""
+
+    requires = (GROUPS,)
+    provides = (SELECTION,)
+
+    def __init__(self, stage: PlanStage, step: int) -> None:
+        self.stage = stage
+        self.step = step
+
+    def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stage = self.stage
+        sizes = {g.id: g.size for g in ctx[GROUPS]}
+        wrong = {
+            gid: (n, sizes.get(gid)) for gid, n in stage.group_sizes.items() if sizes.get(gid) != n
+        }
+        if wrong or len(sizes) != len(stage.group_sizes):
+            gid, (want, got) = next(iter(wrong.items()), (None, (None, None)))
+            raise PruneError(
+                f"the model given does not match the one that was pruned (step {self.step}: "
+                f"{len(sizes)} channel groups vs {len(stage.group_sizes)} saved"
+                + (f"; group {gid} has {got} channels, saved {want}" if gid is not None else "")
+                + "). Pass the same original model class and configuration, with the "
+                "example inputs saved beside the plan."
+            )
+        ctx[SELECTION] = {gid: sel.clone() for gid, sel in stage.selection.items()}
+        return PassResult(gm, False)
 
 
 def replay_stages(gm: fx.GraphModule, example_inputs: Any, stages: list[PlanStage]) -> None:
@@ -342,63 +377,16 @@ def replay_stages(gm: fx.GraphModule, example_inputs: Any, stages: list[PlanStag
     Raises PruneError when the graph's groups differ from the ones the stages were made on
     (another model, another version of it, or other example input shapes).
     """
-    from fxprune.passes.surgery import SurgeryPass
-
     for i, stage in enumerate(stages):
-        ctx = PassContext(example_inputs=example_inputs)
-        groups, _, ctx = run_analysis(gm, stage.ignored, stage.head_mode, ctx)
-        sizes = {g.id: g.size for g in groups}
-        wrong = {
-            gid: (n, sizes.get(gid)) for gid, n in stage.group_sizes.items() if sizes.get(gid) != n
-        }
-        if wrong or len(sizes) != len(stage.group_sizes):
-            gid, (want, got) = next(iter(wrong.items()), (None, (None, None)))
-            raise PruneError(
-                f"the model given does not match the one that was pruned (step {i + 1}: "
-                f"{len(sizes)} channel groups vs {len(stage.group_sizes)} saved"
-                + (f"; group {gid} has {got} channels, saved {want}" if gid is not None else "")
-                + "). Pass the same original model class and configuration, with the "
-                "example inputs saved beside the plan."
-            )
-        ctx.results["selection"] = {gid: sel.clone() for gid, sel in stage.selection.items()}
-        PassManager([SurgeryPass()]).run(gm, ctx)
-
-
-def _search_ratio(gm, ctx, select, macs_before: int, target: float, max_ratio: float) -> None:
-    """Bisect the uniform ratio until the planned MACs reach ``target`` of the original."""
-    from fxprune.passes.surgery import ChannelPlan
-
-    env, groups = ctx.results["channels"], ctx.results["groups"]
-
-    def planned_macs() -> int:
-        plan = ChannelPlan(env, groups, ctx.results["selection"])
-        cache: dict[fx.Node, Any] = {}
-
-        def shape(node: fx.Node):
-            if node not in cache:
-                lay, s = meta.get(node, meta.LAYOUT), meta.shape_of(node)
-                cache[node] = plan.new_shape(lay, s) if isinstance(lay, Layout) and s else s
-            return cache[node]
-
-        return graph_macs(gm, shape)
-
-    lo, hi = 0.0, max_ratio
-    select(hi)
-    if planned_macs() > target * macs_before:
-        logger.warning(
-            "target_macs=%.3f cannot be reached within max_ratio=%.2f; pruning at max_ratio",
-            target,
-            max_ratio,
-        )
-        return
-    for _ in range(14):
-        mid = (lo + hi) / 2
-        select(mid)
-        if planned_macs() <= target * macs_before:
-            hi = mid
-        else:
-            lo = mid
-    select(hi)
+        PassManager(
+            [
+                *analysis_passes(stage.ignored, stage.head_mode),
+                ReplaySelectionPass(stage, i + 1),
+                PlanChannelsPass(),
+                SurgeryPass(),
+            ],
+            name="replay",
+        ).run(gm, PassContext(example_inputs))
 
 
 def _group_rows(groups, selection, notes) -> list[GroupRow]:
@@ -633,8 +621,6 @@ class Pruner:
         return ratio * (self.cumulative_ratio(k) / end if end > 0 else k / self.steps)
 
     def _gradients(self, k: int, calibration, loss_fn) -> dict[str, torch.Tensor]:
-        from fxprune.passes.importance import taylor_grads
-
         if calibration is not None:
             # gradients of the module as fine-tuned so far; fx keeps the parameter names
             grads = taylor_grads(copy.deepcopy(self.module), calibration, loss_fn)

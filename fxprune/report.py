@@ -1,15 +1,15 @@
 """MACs and parameter counts on the graph, and the before/after report of a pruning run.
 
-MACs are counted from node shapes (conv, transposed conv, linear, matmul/bmm/einsum,
-SDPA, ``nn.MultiheadAttention``), not by module hooks, so functional and aten-level
-graphs count the same as module-level ones.
+MACs are counted from node shapes by each op's ``macs`` hook (declared with the op
+under ``passes/channel_rules/``: convolutions, linear layers, matrix products,
+attention), not by module hooks, so functional and aten-level graphs count the same as
+module-level ones.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -18,7 +18,8 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune import meta
-from fxprune.ops import OpKind, canonicalize
+from fxprune.ops import canonicalize
+from fxprune.trace import trace
 
 logger = logging.getLogger(__name__)
 
@@ -35,84 +36,26 @@ def count_macs(module: nn.Module, example_inputs: Any = None) -> int:
         return graph_macs(module)
     if example_inputs is None:
         raise ValueError("count_macs needs example_inputs to trace a plain nn.Module.")
-    from fxprune.trace import trace
-
     return graph_macs(trace(module, example_inputs))
 
 
 def graph_macs(gm: fx.GraphModule, shape: ShapeFn | None = None) -> int:
-    """Multiply-accumulates of one forward pass, from the graph's (or given) shapes."""
+    """Multiply-accumulates of one forward pass, from the graph's (or given) shapes.
+
+    Each op's count is its spec's ``macs`` hook (declared with the op, under
+    ``passes/channel_rules/``); ops without one count zero.
+    """
     shape = shape or meta.shape_of
     total = 0
     for node in gm.graph.nodes:
         op = canonicalize(node, gm)
+        if op.spec.macs is None:
+            continue
         try:
-            total += _node_macs(gm, op, shape)
+            total += op.spec.macs(op, gm, shape)
         except (TypeError, ValueError, IndexError, AttributeError):
             logger.debug("no MACs for %s", node.name)
     return int(total)
-
-
-def _param_shape(gm: nn.Module, fqn: str | None):
-    if not fqn or fqn.startswith("<"):
-        return None
-    obj: Any = gm
-    for part in fqn.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return tuple(obj.shape)
-
-
-def _node_macs(gm: fx.GraphModule, op, shape: ShapeFn) -> int:
-    node = op.node
-    out = shape(node)
-    if op.kind in (OpKind.CONV, OpKind.CONV_TRANSPOSE):
-        w = _param_shape(gm, op.params.get("weight"))
-        x = shape(op.inputs[0])
-        if w is None or out is None or x is None:
-            return 0
-        k = math.prod(w[2:])
-        cdim = len(x) - (len(w) - 1)
-        groups = int(op.attrs.get("groups") or 1)
-        old_x = meta.shape_of(op.inputs[0])
-        if groups > 1 and old_x is not None and old_x[cdim] == groups:
-            groups = x[cdim]  # depthwise stays depthwise after pruning
-        if op.kind == OpKind.CONV:
-            return math.prod(out) * (x[cdim] // groups) * k
-        return math.prod(x) * (out[cdim] // groups) * k
-    if op.kind == OpKind.LINEAR:
-        x = shape(op.inputs[0])
-        return math.prod(out) * x[-1] if out and x else 0
-    if op.kind == OpKind.MATMUL:
-        a = shape(op.inputs[0])
-        if not out or not a:
-            return 0
-        if op.name == "einsum":
-            b = shape(op.inputs[1])
-            eq = op.attrs.get("equation", "")
-            lhs, _ = eq.replace(" ", "").split("->")
-            la, lb = lhs.split(",")
-            sizes = dict(zip(la, a)) | dict(zip(lb, b))
-            return math.prod(sizes[c] for c in sizes)
-        return math.prod(out) * a[-1]
-    if op.kind == OpKind.SDPA:
-        q, k, v = (shape(n) for n in op.inputs[:3])
-        if not q or not k or not v:
-            return 0
-        lead = math.prod(q[:-2])
-        return lead * q[-2] * k[-2] * (q[-1] + v[-1])
-    if op.kind == OpKind.MHA and op.module is not None:
-        x = shape(op.inputs[0])
-        if not x:
-            return 0
-        w = op.module.in_proj_weight.shape  # (2 * h * d + h * dv, E), already sliced
-        out = op.module.out_proj.weight.shape  # (E_out, h * dv)
-        tokens = math.prod(x[:-1])
-        seq = x[1] if op.module.batch_first and len(x) == 3 else x[0]
-        h, d, dv = op.attrs["num_heads"], op.attrs["head_dim"], op.attrs["v_head_dim"]
-        return tokens * w[0] * w[1] + tokens * seq * h * (d + dv) + tokens * out[0] * out[1]
-    return 0
 
 
 def count_params(module: nn.Module) -> int:

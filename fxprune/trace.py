@@ -23,6 +23,10 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import TraceError
 from fxprune.graph_modes import graph_mode, in_mode, make_switchable, record_modes
@@ -300,9 +304,6 @@ _SHAPE_KEEPING = (
 
 
 def _record(n: fx.Node, result: Any) -> None:
-    from torch.fx.node import map_aggregate
-    from torch.fx.passes.shape_prop import _extract_tensor_metadata
-
     found = False
 
     def extract(obj: Any) -> Any:
@@ -322,10 +323,70 @@ def _record(n: fx.Node, result: Any) -> None:
     n.meta["type"] = type(result)
 
 
-def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """Fill ``tensor_meta`` of every node: on fake tensors when possible, else for real."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+class _MetaShapeProp(torch.fx.Interpreter):
+    """Record each node's output shape/dtype on meta tensors: parameters, buffers and inputs
+    are stand-ins on the meta device, so nothing real is read, written or computed.
 
+    Several times faster than fake tensors (no per-op caching or real-to-fake conversion),
+    which matters after every surgery of an iterative prune. Any op a meta tensor cannot
+    run (data-dependent shapes, a real tensor captured by the graph) raises, and
+    :func:`propagate_shapes` falls back to fake tensors.
+    """
+
+    def run_node(self, n: fx.Node) -> Any:
+        if n.op == "get_attr":
+            value = self.fetch_attr(n.target)
+            result = value.to("meta") if isinstance(value, torch.Tensor) else value
+        elif n.op == "call_module":
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            mod = self.fetch_attr(n.target)
+            if _keeps_shape(mod):
+                x = args[0]
+                result = torch.empty_like(x) if isinstance(x, torch.Tensor) else super().run_node(n)
+            else:
+                state = {
+                    name: t.to("meta")
+                    for name, t in [
+                        *mod.named_parameters(remove_duplicate=False),
+                        *mod.named_buffers(remove_duplicate=False),
+                    ]
+                }
+                result = functional_call(mod, state, tuple(args), kwargs, strict=True)
+        else:
+            result = super().run_node(n)
+        _record(n, result)
+        return result
+
+    # Tensors made or moved on a real device (an export graph's mask.to(cpu), arange on
+    # cpu) stay on meta: the device is the one thing meta tensors cannot reproduce.
+    def call_function(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_function(target, *_on_meta(args, kwargs))
+
+    def call_method(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return super().call_method(target, *_on_meta(args, kwargs))
+
+
+_META = torch.device("meta")
+
+
+def _on_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    args = pytree.tree_map_only(torch.device, lambda _: _META, args)
+    kwargs = pytree.tree_map_only(torch.device, lambda _: _META, kwargs)
+    if isinstance(kwargs.get("device"), str):
+        kwargs = {**kwargs, "device": _META}
+    return args, kwargs
+
+
+def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """Fill ``tensor_meta`` of every node: on meta tensors when possible, else on fake
+    tensors, else for real."""
+    try:
+        meta_args = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+        with torch.no_grad():
+            _MetaShapeProp(gm).run(*meta_args)
+        return
+    except Exception as exc:
+        logger.debug("meta shape propagation failed (%s); trying fake tensors", _one_line(exc))
     fake_log = logging.getLogger("torch._subclasses.fake_tensor")
     level = fake_log.level
     fake_log.setLevel(logging.CRITICAL)  # a failed fake run is expected for data-dependent ops
@@ -373,7 +434,13 @@ def state_preserved(module: nn.Module) -> Iterator[None]:
                 for b, value in saved:
                     if b.is_inference() and not torch.is_inference_mode_enabled():
                         continue  # read-only here, so unchanged (and copy_ would raise)
-                    b.copy_(value)
+                    if not _same(b, value):  # unchanged ones keep their version counter
+                        b.copy_(value)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal, NaNs included (torch.equal says a NaN differs from itself)."""
+    return a.shape == b.shape and bool(torch.eq(a, b).logical_or_(a.ne(a) & b.ne(b)).all())
 
 
 class _RealShapeProp(torch.fx.Interpreter):

@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import meta
+from fxprune.artifacts import CHANNELS, GROUPS
 from fxprune.channels import AtomTable, Layout, Member, PruneGroup
 from fxprune.pass_infra import Pass, PassContext, PassResult
 from fxprune.passes.channel_rules import ChannelEnv
@@ -24,11 +25,11 @@ logger = logging.getLogger(__name__)
 
 
 class BuildGroupsPass(Pass):
-    requires = (meta.LAYOUT,)
-    provides = (meta.GROUP,)
+    requires = (meta.LAYOUT, CHANNELS)
+    provides = (meta.GROUP, GROUPS)
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        env: ChannelEnv = ctx.results["channels"]
+        env: ChannelEnv = ctx[CHANNELS]
         table = env.table
         dims = {key: table.find(atoms) for key, atoms in env.param_atoms.items()}
         # Second-level union-find over channel classes: a source dim's channels form a group.
@@ -92,7 +93,7 @@ class BuildGroupsPass(Pass):
             elif src is not None and g.size:
                 g.units = max(1, src.size // g.size)
         self._annotate_nodes(gm, env, class_gid, groups)
-        ctx.results["groups"] = groups
+        ctx[GROUPS] = groups
         return PassResult(gm, False)
 
     @staticmethod

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 
 from fxprune import validate
+from fxprune.artifacts import GROUPS, SCORES
 from fxprune.channels import PruneGroup
 from fxprune.errors import PruneError
 from fxprune.pass_infra import Pass, PassContext, PassResult
@@ -46,7 +47,10 @@ def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> to
 
 
 class ImportancePass(Pass):
-    """Write ``ctx.results["scores"]``: {group id: float64 tensor of channel scores}."""
+    """Score every channel of every prunable group (the ``scores`` artifact)."""
+
+    requires = (GROUPS,)
+    provides = (SCORES,)
 
     def __init__(
         self,
@@ -78,12 +82,12 @@ class ImportancePass(Pass):
             )
         gen = torch.Generator().manual_seed(self.seed)
         scores = {}
-        for g in ctx.results["groups"]:
+        for g in ctx[GROUPS]:
             if not g.prunable:
                 continue
             s = self.group_scores(g, params, gen)
             scores[g.id] = self._normalize(s)
-        ctx.results["scores"] = scores
+        ctx[SCORES] = scores
         return PassResult(gm, False)
 
     def group_scores(self, g: PruneGroup, params: dict[str, torch.Tensor], gen) -> torch.Tensor:

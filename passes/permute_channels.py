@@ -5,8 +5,9 @@ channel group (the producer's output rows, BN statistics, residual partners,
 concat slices, heads) is permuted the same way: the dense model computes exactly
 the same function (Pool & Yu, NeurIPS 2021). The groups from the channel analysis
 say which permutations are legal; for each group the permutation is searched on
-the stacked input-channel columns of its consumers (``fxprune.sparsity
-.search_permutation``) and applied to every member.
+the stacked input-channel columns of its consumers (``fxprune.nm_permutation
+.search_permutation``) and applied to every member. Its consumers are the eligible
+weights of the ``nm_layers`` artifact (``fxprune.nm_layers``).
 
 A group is permuted only when each member holds its channels as contiguous runs
 in channel order — whole copies (``0..C-1``, as in concat consumers and head grids)
@@ -17,14 +18,20 @@ so that reordering runs cannot move a channel across a split or slice.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.fx as fx
-from torch import nn
+from tqdm import tqdm
 
+from fxprune.artifacts import GROUPS, NM_LAYERS, PERMUTATIONS, PERMUTATIONS_SKIPPED
 from fxprune.channels import PruneGroup
+from fxprune.nm_patterns import as_rows, parse_pattern
+from fxprune.nm_permutation import search_permutation
 from fxprune.pass_infra import Pass, PassContext, PassResult
+from fxprune.tensors import set_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -79,17 +86,14 @@ def consumer_columns(param: torch.Tensor, runs: Runs) -> torch.Tensor | None:
     if param.dim() < 2:
         return None
     w = param.detach().abs().float()
-    cols = []
-    for s in runs.starts:
-        part = w[:, s : s + runs.size]  # (out, C, *kernel) -> (out * prod(kernel), C)
-        cols.append(
-            part.reshape(part.shape[0], runs.size, -1).permute(0, 2, 1).reshape(-1, runs.size)
-        )
-    return torch.cat(cols, 0)
+    return torch.cat([as_rows(w[:, s : s + runs.size]) for s in runs.starts], 0)
 
 
 class ChannelPermutationPass(Pass):
-    """Writes ``ctx.results["permutations"]``: {group id: LongTensor}; reasons in ``..._skipped``."""
+    """Permute every group whose channels eligible N:M weights read (``modified``: any)."""
+
+    requires = (GROUPS, NM_LAYERS)
+    provides = (PERMUTATIONS, PERMUTATIONS_SKIPPED)
 
     def __init__(
         self, pattern: str = "2:4", time_budget: float = 1.0, seed: int = 0, progress: bool = False
@@ -100,17 +104,13 @@ class ChannelPermutationPass(Pass):
         self.progress = progress
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        from fxprune.sparsity import parse_pattern, search_permutation
-
         m = parse_pattern(self.pattern).m
-        tensors = dict(gm.named_parameters(remove_duplicate=False))
-        tensors.update(dict(gm.named_buffers(remove_duplicate=False)))
-        consumers = ctx.results.get("nm_consumers") or set()
+        tensors = _tensors(gm)
+        consumers = {layer.name for layer in ctx[NM_LAYERS] if layer.eligible}
         perms, skipped = {}, {}
-        groups: list[PruneGroup] = ctx.results["groups"]
+        groups: list[PruneGroup] = ctx[GROUPS]
         todo = [g for g in groups if g.prunable and g.size > m]
-        bar = _progress(todo, self.progress)
-        for g in bar:
+        for g in tqdm(todo, desc="permutation search", unit="group", disable=not self.progress):
             runs = {}
             for mem in g.members:
                 r = member_runs(mem.index_map, g.size)
@@ -138,32 +138,38 @@ class ChannelPermutationPass(Pass):
                 skipped[g.id] = "the identity was best"
                 continue
             for (p, d), r in runs.items():
-                t = tensors[p]
-                pos = r.position_permutation(t.shape[d], perm)
-                _replace(gm, p, t.detach().index_select(d, pos.to(t.device)))
-                tensors = dict(gm.named_parameters(remove_duplicate=False))
-                tensors.update(dict(gm.named_buffers(remove_duplicate=False)))
+                tensors = _permute_member(gm, tensors, p, d, r.position_permutation, perm)
             perms[g.id] = perm
-        ctx.results["permutations"] = perms
-        ctx.results["permutations_skipped"] = skipped
+        ctx[PERMUTATIONS] = perms
+        ctx[PERMUTATIONS_SKIPPED] = skipped
         return PassResult(gm, bool(perms))
 
 
-def _replace(gm: nn.Module, fqn: str, value: torch.Tensor) -> None:
-    mod_name, _, name = fqn.rpartition(".")
-    mod = gm.get_submodule(mod_name) if mod_name else gm
-    if name in mod._parameters:
-        with torch.no_grad():
-            mod._parameters[name].data = value.clone()
-    elif name in mod._buffers:
-        mod._buffers[name] = value.clone()
-    else:
-        setattr(mod, name, value.clone())
+def _permute_member(
+    gm: fx.GraphModule,
+    tensors: dict[str, torch.Tensor],
+    fqn: str,
+    dim: int,
+    positions: Callable[[int, torch.Tensor], torch.Tensor],
+    perm: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """Reorder ``dim`` of the tensor at ``fqn`` (and of every name it is tied to).
+
+    Returns the tensors by name after the change; a member permuted in two dims (a
+    square weight whose input and output channels are the same group) reads the
+    first permutation when applying the second.
+    """
+    t = tensors[fqn]
+    new = t.detach().index_select(dim, positions(t.shape[dim], perm).to(t.device))
+    cache: dict[int, Any] = {}  # every name of a tied tensor gets the same new tensor
+    for name, other in tensors.items():
+        if other is t:
+            set_tensor(gm, name, new, cache)
+    return _tensors(gm)
 
 
-def _progress(items, enabled: bool):
-    if not enabled:
-        return items
-    from tqdm import tqdm
-
-    return tqdm(items, desc="permutation search", unit="group")
+def _tensors(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by each of its names."""
+    tensors = dict(gm.named_parameters(remove_duplicate=False))
+    tensors.update(dict(gm.named_buffers(remove_duplicate=False)))
+    return tensors

@@ -2,7 +2,7 @@
 
 Writes each tensor node's :class:`~fxprune.channels.Layout` to ``fxprune.layout``
 and leaves the atom table (with freeze / inexact reasons) in
-``ctx.results["channels"]``. A rule that fails is reported once and its op is
+the ``channels`` artifact. A rule that fails is reported once and its op is
 treated as unknown (frozen): analysis never crashes and never guesses.
 """
 
@@ -14,9 +14,10 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune import meta
+from fxprune.artifacts import CHANNELS
 from fxprune.ops import canonicalize
 from fxprune.pass_infra import Pass, PassContext, PassResult
-from fxprune.passes.channel_rules import RULES, ChannelEnv, default_rule
+from fxprune.passes.channel_rules import ChannelEnv, default_rule, rule_of
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def param_aliases(gm: nn.Module) -> dict[str, str]:
 class PropagateChannelsPass(Pass):
     """Relate the channel atoms of every node (analysis only; the graph is unchanged)."""
 
-    provides = (meta.OP, meta.LAYOUT)
+    provides = (meta.OP, meta.LAYOUT, CHANNELS)
 
     def __init__(
         self,
@@ -56,7 +57,7 @@ class PropagateChannelsPass(Pass):
         for node in gm.graph.nodes:
             env.node = node
             op = canonicalize(node, gm)
-            rule = RULES.get(op.kind, default_rule)
+            rule = rule_of(op)
             try:
                 result = rule(op, env)
             except Exception as exc:
@@ -71,7 +72,7 @@ class PropagateChannelsPass(Pass):
             meta.put(node, meta.LAYOUT, result)
         env.node = None
         self._freeze_ignored(env)
-        ctx.results["channels"] = env
+        ctx[CHANNELS] = env
         return PassResult(gm, False)
 
     def _freeze_ignored(self, env: ChannelEnv) -> None:

@@ -17,21 +17,24 @@ still there. ``padding`` marks the zero channels an earlier ``align="pad"`` step
 added: they rank below every real channel, so a later step drops them first and
 fills its own padding, as one-shot does, with the next best real channels (zeroed).
 
-Writes ``ctx.results["selection"]``: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}.
+Writes the ``selection`` artifact: {group id: int8 tensor, 1 keep / 2 pad / 0 drop}.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
 
-from fxprune import validate
-from fxprune.channels import PruneGroup
+from fxprune import meta, validate
+from fxprune.artifacts import CHANNELS, GROUPS, SCORES, SELECTION, SELECTION_NOTES
+from fxprune.channels import Layout, PruneGroup
 from fxprune.errors import PruneError
 from fxprune.pass_infra import Pass, PassContext, PassResult
 
@@ -53,6 +56,9 @@ class SelectionOptions:
     original_sizes: dict[int, int] = field(default_factory=dict)
     # {group id: bool per channel}: zero channels an earlier align="pad" step added.
     padding: dict[int, torch.Tensor] = field(default_factory=dict)
+    # Iterative pruning: history(groups) -> {"original_sizes": ..., "padding": ...} for the
+    # groups of this step's graph (which only the analysis of this step knows).
+    history: Callable[[list[PruneGroup]], dict[str, Any]] | None = None
 
     def validate(self) -> None:
         # ratio=1 is allowed here: an iterative schedule ends there, and _aligned keeps
@@ -97,15 +103,22 @@ def align_step(g: PruneGroup, round_to: int) -> int:
 
 
 class SelectChannelsPass(Pass):
+    """Keep/pad/drop state of every channel of every prunable group, by score and ratio."""
+
+    requires = (GROUPS, SCORES)
+    provides = (SELECTION, SELECTION_NOTES)
+
     def __init__(self, options: SelectionOptions) -> None:
         options.validate()
         self.opts = options
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        groups: list[PruneGroup] = ctx.results["groups"]
-        scores: dict[int, torch.Tensor] = ctx.results["scores"]
+        groups: list[PruneGroup] = ctx[GROUPS]
+        scores: dict[int, torch.Tensor] = ctx[SCORES]
         prunable = [g for g in groups if g.prunable and g.id in scores]
         opts = self.opts
+        if opts.history is not None:  # resolved once: one instance serves one pipeline run
+            self.opts = opts = replace(opts, history=None, **opts.history(groups))
         if (
             opts.round_to > 1
             and prunable
@@ -142,8 +155,8 @@ class SelectChannelsPass(Pass):
             state[order[keep : keep + pad]] = PAD
             selection[g.id] = state
         self._never_empty(gm, ctx, groups, selection, scores, notes)
-        ctx.results["selection"] = selection
-        ctx.results["selection_notes"] = notes
+        ctx[SELECTION] = selection
+        ctx[SELECTION_NOTES] = notes
         return PassResult(gm, False)
 
     @staticmethod
@@ -156,10 +169,7 @@ class SelectChannelsPass(Pass):
         notes,
     ) -> None:
         """No tensor may lose all its channels (a chunk or slice can hold only dropped ones)."""
-        from fxprune import meta
-        from fxprune.channels import Layout
-
-        env = ctx.results.get("channels")
+        env = ctx.get(CHANNELS)
         if env is None:
             return
         # State of every channel class (-1: not in a selected group), dense for fast checks.

@@ -193,11 +193,15 @@ def test_multihead_attention_module_heads_and_widths():
     # packed rows: q (32) | k (32) | v (32); q.k^T ties q and k, head_dim 8 of 4 heads
     assert qk.prunable and qk.size == 8 and qk.heads == (4, 8)
     assert members(qk)["attn.in_proj_weight:0"] == tile(r(8), 8) + [-1] * 32
-    v = (
-        by_source(a)["attn.in_proj_weight:0"]
-        if False
-        else next(g for g in a.groups if members(g).get("attn.out_proj.weight:1"))
-    )
+    # v's rows come from the same packed parameter as q and k, but form a group of their own
+    v = a.group_of("attn.out_proj.weight", 1)
+    assert v.id != qk.id and v.source == qk.source == ("attn.in_proj_weight", 0)
+    assert v.prunable and v.size == 8 and v.heads == (4, 8) and v.structure == "head_dim"
+    assert set(members(v)) == {
+        "attn.in_proj_weight:0",
+        "attn.in_proj_bias:0",
+        "attn.out_proj.weight:1",
+    }
     assert members(v)["attn.out_proj.weight:1"] == tile(r(8), 4)
     assert members(v)["attn.in_proj_weight:0"] == [-1] * 64 + tile(r(8), 4)
     inp = by_source(a)["inp.weight:0"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxprune.bench import BenchReport, compare_latency
+from fxprune.export.latency import BenchReport, compare_latency
 
 logger = logging.getLogger(__name__)
 

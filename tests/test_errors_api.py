@@ -14,16 +14,12 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.bench import compare_latency
 from fxprune.errors import BenchError, ExportError, PruneError, TraceError
 from fxprune.export import to_onnx
-from fxprune.sparsity import (
-    SparsityError,
-    apply_nm_masks,
-    nm_eligibility,
-    nm_mask,
-    search_permutation,
-)
+from fxprune.export.latency import compare_latency
+from fxprune.nm_patterns import SparsityError, nm_eligibility, nm_mask
+from fxprune.nm_permutation import search_permutation
+from fxprune.nm_training import apply_nm_masks
 
 logger = logging.getLogger(__name__)
 

@@ -89,7 +89,7 @@ def test_engine_from_pruned_onnx_with_sparse_weights(pruned_cnn, tmp_path):
 
 @needs_builder
 def test_engine_from_2_4_sparse_model(tmp_path):
-    from fxprune.sparsity import check_onnx_nm
+    from fxprune.export import check_onnx_nm
 
     model = randomize(torchvision.models.resnet18())
     x = torch.randn(1, 3, 64, 64)

@@ -12,7 +12,7 @@ from torch import nn
 
 import fxprune
 from fxprune.cli import main
-from fxprune.sparsity import check_nm
+from fxprune.nm_checks import check_nm
 
 
 class ResidualNet(nn.Module):
@@ -66,6 +66,21 @@ class AttentionNet(nn.Module):
         x = x + self.o((att @ v).transpose(1, 2).reshape(b, t, c))
         x = x + self.fc2(F.gelu(self.fc1(x)))
         return self.head(x)
+
+
+class MHANet(nn.Module):
+    """nn.MultiheadAttention between two Linears: its in- and out-projections are GEMMs too."""
+
+    def __init__(self, dim: int = 64, heads: int = 4) -> None:
+        super().__init__()
+        self.inp = nn.Linear(16, dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.fc = nn.Linear(dim, 8)
+
+    def forward(self, x):
+        h = self.inp(x)
+        a, _ = self.attn(h, h, h, need_weights=False)
+        return self.fc(h + a)
 
 
 CASES = {
@@ -125,11 +140,46 @@ def test_cli_sparsify(tmp_path, capsys):
     out = tmp_path / "sparse"
     assert main(["sparsify", f"{factory}:build", "--out", str(out), "--time-budget", "0.1"]) == 0
     assert "2:4" in capsys.readouterr().out
-    import fxprune
     from fxprune.models import load_model
-    from fxprune.sparsity import check_nm
 
     original, _ = load_model(f"{factory}:build")
     loaded = fxprune.load(out, model=original)  # safetensors + plan, rebuilt without pickle
     assert check_nm(loaded).passed
     assert main(["sparsify", f"{factory}:build", "--out", str(out)]) == 2  # refuses to overwrite
+
+
+def test_sparsify_and_check_nm_judge_the_same_weights_with_multihead_attention():
+    torch.manual_seed(0)
+    model, x = MHANet().eval(), torch.randn(2, 6, 16)
+    res = fxprune.sparsify(model, x, time_budget=0.2, min_size=0)
+    masked = {layer.name for layer in res.report.layers}
+    assert {"attn.in_proj_weight", "attn.out_proj.weight"} <= set(res.masks)
+    for checked in (check_nm(res.module, min_size=0), check_nm(model, min_size=0)):
+        assert {layer.name for layer in checked.layers} == masked
+        assert {layer.name for layer in checked.eligible} == set(res.masks)
+    report = check_nm(res.module, min_size=0)
+    assert report.passed, str(report)
+    # The attention projections now read permuted channels: still the same function.
+    permuted = fxprune.sparsify(model, x, mask=False, time_budget=0.2, min_size=0)
+    with torch.no_grad():
+        torch.testing.assert_close(permuted.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_tied_weights_are_masked_once_and_checked_once():
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(64, 64)
+            self.b = nn.Linear(64, 64)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+
+    model, x = Tied().eval(), torch.randn(3, 64)
+    res = fxprune.sparsify(model, x, permute=False, min_size=0)
+    b = next(layer for layer in res.report.layers if layer.name == "b.weight")
+    assert not b.eligible and "a.weight" in b.reason
+    assert set(res.masks) == {"a.weight"}
+    assert res.module.a.weight is res.module.b.weight
+    assert [layer.name for layer in check_nm(model, min_size=0).eligible] == ["a.weight"]

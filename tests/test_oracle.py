@@ -222,4 +222,25 @@ def test_prune_with_verify_raises_verification_error_when_surgery_is_wrong(monke
     assert not isinstance(info.value, PassError)
     assert "is not the original indexed by the kept indices" in str(info.value)
     notes = "\n".join(getattr(info.value, "__notes__", []))
-    assert "pass VerifyPass failed (passes run before it: SurgeryPass)" in notes
+    # one pipeline: the note lists every pass of the prune, in order
+    assert (
+        "pass VerifyPass failed (passes run before it: SnapshotPass, PropagateChannelsPass, "
+        "BuildGroupsPass, "
+        "ImportancePass, SelectChannelsPass, PlanChannelsPass, SurgeryPass)"
+    ) in notes
+
+
+def test_the_oracle_refuses_a_reference_written_in_place_during_pruning(monkeypatch):
+    # prune(verify=True) shares the weights between the graph and the oracle's reference:
+    # a surgery that wrote into an original tensor instead of replacing it must be caught.
+    real = surgery.slice_tensor
+
+    def writes_in_place(t, dims):
+        with torch.no_grad():
+            t.mul_(1.0)  # same values, but a write: the reference can no longer be trusted
+        return real(t, dims)
+
+    monkeypatch.setattr(surgery, "slice_tensor", writes_in_place)
+    model = randomize(Residual())
+    with pytest.raises(VerificationError, match=r"was modified in place while pruning"):
+        fxprune.prune(model, torch.randn(*IMG), ratio=0.5)

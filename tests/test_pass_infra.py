@@ -11,6 +11,7 @@ from torch import nn
 
 import fxprune
 from fxprune import meta
+from fxprune.artifacts import GROUPS, PLAN, SCORES, SELECTION
 from fxprune.errors import PassError, PostconditionError, PreconditionError, VerificationError
 from fxprune.pass_infra import (
     DumpGraphs,
@@ -182,3 +183,111 @@ def test_printer_rows_and_diff():
     ReluToGelu()(gm)
     diff = format_diff(before, gm)
     assert "-relu" in diff and "+relu" in diff and "gelu" in diff
+
+
+# -- typed artifacts ---------------------------------------------------------------------------
+class WritesGroupsUndeclared(Pass):
+    def call(self, gm, ctx):
+        ctx[GROUPS] = []
+        return PassResult(gm, False)
+
+
+class WritesScoresWrongType(Pass):
+    provides = (SCORES,)
+
+    def call(self, gm, ctx):
+        ctx[SCORES] = "not a dict"
+        return PassResult(gm, False)
+
+
+class Records(Pass):
+    """Appends its name to a list: shows which passes ran."""
+
+    def __init__(self, name, log, requires=(), provides=()):
+        self._name, self.log = name, log
+        self.requires, self.provides = requires, provides
+
+    @property
+    def name(self):
+        return self._name
+
+    def call(self, gm, ctx):
+        self.log.append(self.name)
+        for artifact in self.provides:
+            if not isinstance(artifact, str):
+                ctx[artifact] = {}
+        return PassResult(gm, False)
+
+
+def test_a_pass_may_write_only_the_artifacts_it_declares():
+    with pytest.raises(PostconditionError, match=r"WritesGroupsUndeclared wrote artifact 'groups'"):
+        PassManager([WritesGroupsUndeclared()]).run(traced())
+    with pytest.raises(PassError, match=r"artifact 'scores' must be a dict, got str"):
+        PassManager([WritesScoresWrongType()]).run(traced())
+
+
+def test_a_missing_artifact_fails_before_any_pass_runs():
+    log = []
+    first = Records("First", log, provides=(SCORES,))
+    needs = Records("NeedsSelection", log, requires=(SELECTION,))
+    with pytest.raises(PreconditionError) as info:
+        PassManager([first, needs]).run(traced())
+    assert log == []  # nothing expensive ran
+    assert "NeedsSelection requires artifacts ['selection']" in str(info.value)
+    assert "from SelectChannelsPass" in str(info.value)
+    # seeded by the caller, the same pipeline runs
+    PassManager([first, needs]).run(traced(), PassContext(artifacts={SELECTION: {}}))
+    assert log == ["First", "NeedsSelection"]
+
+
+def test_reading_a_missing_artifact_names_its_provider():
+    with pytest.raises(PreconditionError, match=r"'plan' is not available: PlanChannelsPass"):
+        PassContext()[PLAN]
+
+
+def test_a_pass_manager_is_a_pass_and_nests():
+    log = []
+    inner = PassManager(
+        [Records("A", log, provides=(SCORES,)), Records("B", log, requires=(SCORES,))],
+        name="inner",
+    )
+    assert isinstance(inner, Pass) and inner.name == "inner"
+    assert inner.provides == (SCORES,) and inner.requires == ()
+    outer = PassManager([inner, Records("C", log, requires=(SCORES,))])
+    outer.run(traced())
+    assert log == ["A", "B", "C"]
+
+
+def test_meta_keys_count_only_once_provided_and_not_invalidated():
+    gm = traced()
+    PropagateChannelsPass()(gm)
+    NeedsLayout()(gm)  # provided
+    next(iter(gm.graph.nodes)).meta[meta.GROUP] = 0  # a stray key set by hand is not a promise
+    with pytest.raises(PreconditionError, match=r"fxprune\.group"):
+        NeedsGroups()(gm)
+
+
+class NeedsGroups(Pass):
+    requires = (meta.GROUP,)
+
+    def call(self, gm, ctx):
+        return PassResult(gm, False)
+
+
+def test_prune_is_one_pipeline_that_instruments_see_whole():
+    timer = TimePasses()
+    model = Tiny().eval()
+    fxprune.prune(model, torch.randn(2, 4), ratio=0.5, verify=True, instruments=[timer])
+    assert [name for name, _ in timer.times] == [
+        "SnapshotPass",
+        "PropagateChannelsPass",
+        "BuildGroupsPass",
+        "ImportancePass",
+        "SelectChannelsPass",
+        "PlanChannelsPass",
+        "SurgeryPass",
+        "VerifyPass",
+    ]
+    timer = TimePasses()
+    fxprune.prune(model, torch.randn(2, 4), target_macs=0.5, verify=False, instruments=[timer])
+    assert "TargetMacsPass" in [name for name, _ in timer.times]

@@ -1,4 +1,4 @@
-"""Tests of fxprune.sparsity: N:M masks, eligibility, permutation search, masked training, checks."""
+"""Tests of the N:M weight primitives: masks, eligibility, permutation search, masked training, checks."""
 
 from __future__ import annotations
 
@@ -12,7 +12,20 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from fxprune import sparsity
+from fxprune import nm_permutation
+from fxprune.export import check_onnx_nm
+from fxprune.nm_checks import check_nm
+from fxprune.nm_patterns import (
+    NMPattern,
+    SparsityError,
+    nm_eligibility,
+    nm_mask,
+    parse_pattern,
+    per_row_upper_bound,
+    retained_magnitude,
+)
+from fxprune.nm_permutation import search_permutation
+from fxprune.nm_training import apply_nm_masks, bake_masks
 
 logger = logging.getLogger(__name__)
 
@@ -34,20 +47,20 @@ def _groups_along_in(t: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def test_parse_pattern() -> None:
-    assert sparsity.parse_pattern("2:4") == sparsity.NMPattern(2, 4)
-    assert sparsity.parse_pattern((4, 8)) == sparsity.NMPattern(4, 8)
-    assert str(sparsity.parse_pattern(" 1 : 2 ")) == "1:2"
+    assert parse_pattern("2:4") == NMPattern(2, 4)
+    assert parse_pattern((4, 8)) == NMPattern(4, 8)
+    assert str(parse_pattern(" 1 : 2 ")) == "1:2"
     for bad in ("4:4", "0:4", "2-4", "a:b"):
-        with pytest.raises(sparsity.SparsityError):
-            sparsity.parse_pattern(bad)
+        with pytest.raises(SparsityError):
+            parse_pattern(bad)
 
 
 @pytest.mark.parametrize("pattern", ["2:4", "4:8", "1:2"])
 @pytest.mark.parametrize("shape", [(16, 32), (8, 16, 3, 3), (8, 24, 5)])
 def test_nm_mask_keeps_the_n_largest_of_each_group(pattern: str, shape: tuple[int, ...]) -> None:
-    pat = sparsity.parse_pattern(pattern)
+    pat = parse_pattern(pattern)
     w = torch.randn(shape, generator=_gen(0))
-    mask = sparsity.nm_mask(w, pattern)
+    mask = nm_mask(w, pattern)
     assert mask.dtype == torch.bool and mask.shape == w.shape
     groups_mask = _groups_along_in(mask, pat.m)
     assert (groups_mask.sum(-1) == pat.n).all()
@@ -62,7 +75,7 @@ def test_nm_mask_keeps_the_n_largest_of_each_group(pattern: str, shape: tuple[in
 def test_conv_mask_groups_run_along_input_channels_per_kernel_position() -> None:
     # apex ASP's create_mask for 4-D weights: permute to (kh, kw, out, in), group along in.
     w = torch.randn(4, 8, 3, 3, generator=_gen(1))
-    mask = sparsity.nm_mask(w, "2:4")
+    mask = nm_mask(w, "2:4")
     for o in range(4):
         for i in range(3):
             for j in range(3):
@@ -73,46 +86,46 @@ def test_conv_mask_groups_run_along_input_channels_per_kernel_position() -> None
 
 
 def test_nm_mask_rejects_what_it_cannot_group() -> None:
-    with pytest.raises(sparsity.SparsityError, match="multiple of M=4"):
-        sparsity.nm_mask(torch.randn(8, 6), "2:4")
-    with pytest.raises(sparsity.SparsityError, match="2-D or more"):
-        sparsity.nm_mask(torch.randn(8), "2:4")
+    with pytest.raises(SparsityError, match="multiple of M=4"):
+        nm_mask(torch.randn(8, 6), "2:4")
+    with pytest.raises(SparsityError, match="2-D or more"):
+        nm_mask(torch.randn(8), "2:4")
 
 
 def test_eligibility_reasons() -> None:
-    ok, reason = sparsity.nm_eligibility(torch.randn(64, 64), "2:4")
+    ok, reason = nm_eligibility(torch.randn(64, 64), "2:4")
     assert ok and reason == "eligible"
-    ok, reason = sparsity.nm_eligibility(torch.randn(64, 1, 3, 3), "2:4", groups=64)
+    ok, reason = nm_eligibility(torch.randn(64, 1, 3, 3), "2:4", groups=64)
     assert not ok and "depthwise" in reason
-    ok, reason = sparsity.nm_eligibility((64, 16, 3, 3), "2:4", groups=4)
+    ok, reason = nm_eligibility((64, 16, 3, 3), "2:4", groups=4)
     assert not ok and "grouped" in reason
-    ok, reason = sparsity.nm_eligibility((256, 3, 7, 7), "2:4")
+    ok, reason = nm_eligibility((256, 3, 7, 7), "2:4")
     assert not ok and "not a multiple of M=4" in reason
-    ok, reason = sparsity.nm_eligibility((256, 36), "4:8")
+    ok, reason = nm_eligibility((256, 36), "4:8")
     assert not ok and "not a multiple of M=8" in reason
-    ok, reason = sparsity.nm_eligibility((16, 32), "2:4")
+    ok, reason = nm_eligibility((16, 32), "2:4")
     assert not ok and "too small" in reason
-    assert sparsity.nm_eligibility((16, 32), "2:4", min_size=0)[0]
-    ok, reason = sparsity.nm_eligibility((1000, 4100), "2:4")
+    assert nm_eligibility((16, 32), "2:4", min_size=0)[0]
+    ok, reason = nm_eligibility((1000, 4100), "2:4")
     assert not ok and "tensor-core alignment" in reason
-    assert sparsity.nm_eligibility((1000, 4100), "2:4", align=False)[0]
-    ok, reason = sparsity.nm_eligibility(torch.ones(64, 64, dtype=torch.int8), "2:4")
+    assert nm_eligibility((1000, 4100), "2:4", align=False)[0]
+    ok, reason = nm_eligibility(torch.ones(64, 64, dtype=torch.int8), "2:4")
     assert not ok and "floating" in reason
-    ok, reason = sparsity.nm_eligibility((64,), "2:4")
+    ok, reason = nm_eligibility((64,), "2:4")
     assert not ok and "2 or more dims" in reason
 
 
 def test_retained_magnitude_and_upper_bound() -> None:
     w = torch.randn(32, 64, generator=_gen(2))
-    mask = sparsity.nm_mask(w)
+    mask = nm_mask(w)
     kept = (w.abs() * mask).sum() / w.abs().sum()
-    assert sparsity.retained_magnitude(w) == pytest.approx(kept.item(), rel=1e-6)
-    assert sparsity.retained_magnitude(w, perm=torch.arange(64)) == sparsity.retained_magnitude(w)
-    ub = sparsity.per_row_upper_bound(w)
+    assert retained_magnitude(w) == pytest.approx(kept.item(), rel=1e-6)
+    assert retained_magnitude(w, perm=torch.arange(64)) == retained_magnitude(w)
+    ub = per_row_upper_bound(w)
     assert kept.item() < ub < 1.0
-    assert sparsity.retained_magnitude(torch.zeros(8, 8)) == 1.0
+    assert retained_magnitude(torch.zeros(8, 8)) == 1.0
     # A matrix whose rows are already 2:4 sparse keeps everything.
-    assert sparsity.retained_magnitude(w * mask) == pytest.approx(1.0)
+    assert retained_magnitude(w * mask) == pytest.approx(1.0)
 
 
 # --------------------------------------------------------------------------- permutation search
@@ -123,13 +136,13 @@ def test_swap_table_gains_are_exact() -> None:
     rng = np.random.default_rng(0)
     cols = rng.random((24, 10)).astype(np.float32)
     for n, m in ((2, 4), (1, 2), (3, 8)):
-        table = sparsity._SwapTable(cols[: (24 // m) * m], n, m)
+        table = nm_permutation._SwapTable(cols[: (24 // m) * m], n, m)
         for p, q in ((0, m), (1, 2 * m + 1), (m - 1, m + 1)):
             c = table.cols.shape[0]
             before = table.total
             expected = float(table.gain[p, q])
             table.swap(p, q)
-            direct = sparsity._order_score(cols[: (24 // m) * m], table.ids, n, m)
+            direct = nm_permutation._order_score(cols[: (24 // m) * m], table.ids, n, m)
             assert table.total == pytest.approx(direct, rel=1e-6)
             assert table.total - before == pytest.approx(expected, abs=1e-4)
             # Every gain in the table matches a recomputed swap.
@@ -138,21 +151,23 @@ def test_swap_table_gains_are_exact() -> None:
                     continue
                 trial = table.ids.copy()
                 trial[[a, b]] = trial[[b, a]]
-                delta = sparsity._order_score(cols[: (24 // m) * m], trial, n, m) - table.total
+                delta = (
+                    nm_permutation._order_score(cols[: (24 // m) * m], trial, n, m) - table.total
+                )
                 assert table.gain[a, b] == pytest.approx(delta, abs=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(32, 64), (8, 32, 3, 3)])
 def test_search_permutation_is_a_deterministic_permutation(shape: tuple[int, ...]) -> None:
     w = torch.randn(shape, generator=_gen(3))
-    a = sparsity.search_permutation(w, time_budget=30.0, seed=7, max_steps=300)
-    b = sparsity.search_permutation(w, time_budget=30.0, seed=7, max_steps=300)
+    a = search_permutation(w, time_budget=30.0, seed=7, max_steps=300)
+    b = search_permutation(w, time_budget=30.0, seed=7, max_steps=300)
     assert a.dtype == torch.long
     assert sorted(a.tolist()) == list(range(shape[1]))
     assert torch.equal(a, b)
     # Without a step cap a small layer stops on its own (a round without progress), also reproducibly.
-    c = sparsity.search_permutation(w[:, :16], time_budget=30.0, seed=1)
-    d = sparsity.search_permutation(w[:, :16], time_budget=30.0, seed=1)
+    c = search_permutation(w[:, :16], time_budget=30.0, seed=1)
+    d = search_permutation(w[:, :16], time_budget=30.0, seed=1)
     assert torch.equal(c, d)
 
 
@@ -179,12 +194,12 @@ def test_permutation_never_loses_and_usually_gains(shape: tuple[int, ...], dist:
             torch.distributions.Chi2(3.0).sample(shape) / 3.0
         )
     t0 = time.perf_counter()
-    perm = sparsity.search_permutation(w, time_budget=0.3, seed=0)
+    perm = search_permutation(w, time_budget=0.3, seed=0)
     assert time.perf_counter() - t0 < 1.5
-    plain = sparsity.retained_magnitude(w)
-    kept = sparsity.retained_magnitude(w, perm=perm)
+    plain = retained_magnitude(w)
+    kept = retained_magnitude(w, perm=perm)
     assert kept >= plain
-    assert kept <= sparsity.per_row_upper_bound(w) + 1e-9
+    assert kept <= per_row_upper_bound(w) + 1e-9
     if shape[1] > 4:
         assert kept > plain
 
@@ -195,10 +210,10 @@ def test_permutation_closes_half_the_gap_on_uniform_64x128() -> None:
     for seed in range(3):
         w = torch.rand(64, 128, generator=_gen(seed))
         t0 = time.perf_counter()
-        perm = sparsity.search_permutation(w, "2:4", time_budget=2.0, seed=seed)
+        perm = search_permutation(w, "2:4", time_budget=2.0, seed=seed)
         elapsed = time.perf_counter() - t0
-        plain, ub = sparsity.retained_magnitude(w), sparsity.per_row_upper_bound(w)
-        kept = sparsity.retained_magnitude(w, perm=perm)
+        plain, ub = retained_magnitude(w), per_row_upper_bound(w)
+        kept = retained_magnitude(w, perm=perm)
         closed.append((kept - plain) / (ub - plain))
         logger.info("seed %d: gap closed %.1f%% in %.2fs", seed, 100 * closed[-1], elapsed)
         assert elapsed < 4.0, f"time budget 2 s overrun: {elapsed:.2f}s"
@@ -210,16 +225,16 @@ def test_permuting_mlp_hidden_channels_keeps_the_function() -> None:
     mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
     x = torch.randn(5, 16)
     ref = mlp(x)
-    perm = sparsity.search_permutation(mlp[2].weight, time_budget=0.5, seed=0)
+    perm = search_permutation(mlp[2].weight, time_budget=0.5, seed=0)
     assert not torch.equal(perm, torch.arange(64))
     with torch.no_grad():
         # Producer's output rows and consumer's input columns move together.
         mlp[0].weight.copy_(mlp[0].weight[perm])
         mlp[0].bias.copy_(mlp[0].bias[perm])
-        plain = sparsity.retained_magnitude(mlp[2].weight)
+        plain = retained_magnitude(mlp[2].weight)
         mlp[2].weight.copy_(mlp[2].weight[:, perm])
     torch.testing.assert_close(mlp(x), ref, rtol=0, atol=1e-6)
-    assert sparsity.retained_magnitude(mlp[2].weight) > plain
+    assert retained_magnitude(mlp[2].weight) > plain
 
 
 # --------------------------------------------------------------------------- masked fine-tuning
@@ -241,14 +256,14 @@ def test_masks_survive_finetuning_and_bake_to_original_keys() -> None:
     net = _Net()
     keys = list(net.state_dict().keys())
     masks = {
-        name: sparsity.nm_mask(p)
+        name: nm_mask(p)
         for name, p in net.named_parameters()
         if name in ("conv.weight", "fc.weight")
     }
     # An optimizer made before the masks keeps working: the parameter objects stay the same.
     opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-3)
     fc_weight = net.fc.weight
-    sparsity.apply_nm_masks(net, masks)
+    apply_nm_masks(net, masks)
     assert parametrize.is_parametrized(net.conv, "weight")
     assert net.fc.parametrizations.weight.original is fc_weight
     x, y = torch.randn(4, 16, 6, 6), torch.randn(4, 16)
@@ -261,7 +276,7 @@ def test_masks_survive_finetuning_and_bake_to_original_keys() -> None:
             effective = net.get_submodule(name.rsplit(".", 1)[0]).weight
             assert (effective[~mask] == 0).all()
     assert not torch.equal(net.fc.weight.detach(), start)  # it did train
-    sparsity.bake_masks(net)
+    bake_masks(net)
     assert net.fc.weight is fc_weight
     assert not parametrize.is_parametrized(net.conv) and not parametrize.is_parametrized(net.fc)
     assert list(net.state_dict().keys()) == keys
@@ -271,19 +286,19 @@ def test_masks_survive_finetuning_and_bake_to_original_keys() -> None:
     for name, mask in masks.items():
         assert isinstance(net.get_parameter(name), nn.Parameter)
         assert (net.get_parameter(name)[~mask] == 0).all()
-    report = sparsity.check_nm(net, "2:4", min_size=0)
+    report = check_nm(net, "2:4", min_size=0)
     assert report.passed, str(report)
 
 
 def test_apply_nm_masks_rejects_wrong_shapes_and_combines() -> None:
     net = _Net()
-    with pytest.raises(sparsity.SparsityError, match="shape"):
-        sparsity.apply_nm_masks(net, {"fc.weight": torch.ones(3, 3, dtype=torch.bool)})
-    first = sparsity.nm_mask(net.fc.weight)
+    with pytest.raises(SparsityError, match="shape"):
+        apply_nm_masks(net, {"fc.weight": torch.ones(3, 3, dtype=torch.bool)})
+    first = nm_mask(net.fc.weight)
     second = torch.ones_like(first)
     second[:, 0] = False
-    sparsity.apply_nm_masks(net, {"fc.weight": first})
-    sparsity.apply_nm_masks(net, {"fc.weight": second})
+    apply_nm_masks(net, {"fc.weight": first})
+    apply_nm_masks(net, {"fc.weight": second})
     assert ((net.fc.weight != 0) <= (first & second)).all()
 
 
@@ -299,23 +314,23 @@ def test_check_nm_on_module_and_state_dict() -> None:
         nn.Linear(32, 64),
         nn.Linear(64, 6),
     )
-    dense = sparsity.check_nm(net, "2:4", min_size=0)
+    dense = check_nm(net, "2:4", min_size=0)
     assert not dense.passed and len(dense.failed) == 2
     assert dict(dense.skipped)["1.weight"].startswith("depthwise")
     assert "4.weight" in dict(dense.skipped)  # out=6 is not tensor-core aligned
     with torch.no_grad():
         for name in ("0.weight", "3.weight"):
             p = net.get_parameter(name)
-            p.mul_(sparsity.nm_mask(p))
-    report = sparsity.check_nm(net, "2:4", min_size=0)
+            p.mul_(nm_mask(p))
+    report = check_nm(net, "2:4", min_size=0)
     assert report.passed, str(report)
     assert all(
-        layer.sparsity >= 0.5 and layer.retained == pytest.approx(1.0) for layer in report.layers
+        layer.sparsity >= 0.5 and layer.retained == pytest.approx(1.0) for layer in report.eligible
     )
     assert "2/2 weights pass" in str(report)
-    sd = sparsity.check_nm(net.state_dict(), "2:4", names=["0.weight", "3.weight"], min_size=0)
-    assert sd.passed and [la.name for la in sd.layers] == ["0.weight", "3.weight"]
-    assert not sparsity.check_nm(net, "1:4", min_size=0).passed
+    sd = check_nm(net.state_dict(), "2:4", names=["0.weight", "3.weight"], min_size=0)
+    assert sd.passed and [la.name for la in sd.eligible] == ["0.weight", "3.weight"]
+    assert not check_nm(net, "1:4", min_size=0).passed
 
 
 class _OnnxNet(nn.Module):
@@ -346,18 +361,18 @@ def test_check_onnx_nm_on_exported_models(tmp_path) -> None:
     _export(net, tmp_path / "dense.onnx")
     with torch.no_grad():
         for p in (net.conv.weight, net.fc.weight, net.seq.weight):
-            p.mul_(sparsity.nm_mask(p))
+            p.mul_(nm_mask(p))
     _export(net, tmp_path / "sparse.onnx")
 
     ops = {n.op_type for n in onnx.load(str(tmp_path / "sparse.onnx")).graph.node}
     assert {"Conv", "Gemm", "MatMul"} <= ops, ops
-    sparse = sparsity.check_onnx_nm(tmp_path / "sparse.onnx", "2:4", min_size=0)
+    sparse = check_onnx_nm(tmp_path / "sparse.onnx", "2:4", min_size=0)
     assert sparse.passed and len(sparse.layers) == 3, str(sparse)
-    dense = sparsity.check_onnx_nm(tmp_path / "dense.onnx", "2:4", min_size=0)
+    dense = check_onnx_nm(tmp_path / "dense.onnx", "2:4", min_size=0)
     assert not dense.passed and len(dense.failed) == 3, str(dense)
     # With the default eligibility the small conv (16*32*9 = 4608 weights) is the only one left.
-    default = sparsity.check_onnx_nm(tmp_path / "sparse.onnx", "2:4")
-    assert [la.shape for la in default.layers] == [(32, 16, 3, 3)] and len(default.skipped) == 2
+    default = check_onnx_nm(tmp_path / "sparse.onnx", "2:4")
+    assert [la.shape for la in default.eligible] == [(32, 16, 3, 3)] and len(default.skipped) == 2
 
     # Cross-check against polygraphy's own 2:4 checker (the one behind `polygraphy inspect sparsity`).
     tools_sparse = pytest.importorskip("polygraphy.tools.sparse")

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torchvision
+from snapshots import make_snapshots
 from torch import nn
 
 import fxprune
@@ -126,14 +127,17 @@ def test_minilm_bert_needs_and_gets_the_export_frontend(minilm):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", torchvision.models.list_models(module=torchvision.models))
-def test_every_torchvision_classifier_traces_and_analyses_with_fx(name):
-    if name.startswith("vit_h") or name in ("regnet_y_128gf",):
-        pytest.skip("too large for CI memory/time; covered by bench/sweep_analysis.py")
-    size = 299 if name.startswith("inception") else 224
-    m = torchvision.models.get_model(name, weights=None).eval()
-    a = fxprune.analyze(m, torch.randn(1, 3, size, size), frontend="fx")
-    assert a.frontend == "fx" and a.prunable_groups
+@pytest.mark.parametrize("name", list(make_snapshots.MODELS))
+def test_analysis_and_pruning_match_the_pinned_snapshot(name):
+    """Groups, prunable and exact fractions, MACs and params on a dozen architectures.
+
+    Every torchvision classifier is traced and analysed by bench/sweep_analysis.py; these
+    pin the numbers, so a change in what the analysis finds fails here.
+    """
+    want = make_snapshots.load()[name]
+    got = make_snapshots.snapshot(name)
+    lines = make_snapshots.differences(want, got)
+    assert not lines, make_snapshots.mismatch_message(name, lines)
 
 
 @pytest.mark.slow

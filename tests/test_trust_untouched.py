@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.bench import compare_latency
+from fxprune.export.latency import compare_latency
 
 logger = logging.getLogger(__name__)
 
@@ -186,4 +186,4 @@ def test_sparsify_inplace_makes_the_model_the_sparse_module():
     res = fxprune.sparsify(model, x, pattern="2:4", permute=False, inplace=True)
     assert res.module is model
     torch.testing.assert_close(model(x), expected)
-    assert fxprune.sparsity.check_nm(model).passed
+    assert fxprune.nm_checks.check_nm(model).passed

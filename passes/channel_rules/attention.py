@@ -7,20 +7,69 @@ dims of q and k (head dims) and the head dims (batch dims) of both; ``attn @ v``
 ties attention heads to value heads. GQA's repeated key/value heads arrive through
 expand/reshape or ``repeat_interleave`` and are tied to every query head that reads
 them. Summing over pruned channels is exact only if they read as zero.
+
+After surgery an SDPA whose head_dim shrank gets its original default scale pinned,
+and a pruned ``nn.MultiheadAttention`` becomes ``fxprune.modules.PrunedMultiheadAttention``.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout
-from fxprune.ops import CanonicalOp, OpKind
-from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register, untracked_like
+from fxprune.modules import PrunedMultiheadAttention
+from fxprune.ops import Attrs, CanonicalOp, ParamRef, module_param
+from fxprune.passes.channel_rules.base import (
+    ChannelEnv,
+    SurgeryEnv,
+    default_rule,
+    op_spec,
+    untracked_like,
+)
+from fxprune.passes.select_channels import DROP
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EinsumAttrs(Attrs):
+    equation: str
+
+
+@dataclass(frozen=True)
+class SdpaAttrs(Attrs):
+    mask: Any  # the attn_mask node, or None
+    scale: float | None
+    enable_gqa: bool = False
+
+
+@dataclass(frozen=True)
+class MHAAttrs(Attrs):
+    """``nn.MultiheadAttention``'s sizes and parameters (packed or separate q/k/v)."""
+
+    num_heads: int
+    embed_dim: int
+    head_dim: int
+    v_head_dim: int
+    batch_first: bool
+    in_proj_weight: ParamRef | None
+    in_proj_bias: ParamRef | None
+    q_proj_weight: ParamRef | None
+    k_proj_weight: ParamRef | None
+    v_proj_weight: ParamRef | None
+    bias_k: ParamRef | None
+    bias_v: ParamRef | None
+    out_proj_weight: ParamRef | None
+    out_proj_bias: ParamRef | None
 
 
 def contract(
@@ -94,7 +143,29 @@ def _matmul_letters(na: int, nb: int) -> tuple[str, str, str]:
     return la, lb, batch + ("n" if na > 1 else "") + ("m" if nb > 1 else "")
 
 
-@register(OpKind.MATMUL)
+def _matmul_view(op: CanonicalOp) -> CanonicalOp:
+    return op.with_(name="matmul", inputs=[op.node.args[0], op.node.args[1]])
+
+
+def _einsum_view(op: CanonicalOp) -> CanonicalOp:
+    return op.with_(name="einsum", attrs=EinsumAttrs(op.node.args[0]))
+
+
+def _matmul_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
+    out, a = shape(op.node), shape(op.inputs[0])
+    if not out or not a:
+        return 0
+    if op.name == "einsum":
+        b = shape(op.inputs[1])
+        lhs, _ = op.attrs.equation.replace(" ", "").split("->")
+        la, lb = lhs.split(",")
+        sizes = dict(zip(la, a)) | dict(zip(lb, b))
+        return math.prod(sizes[c] for c in sizes)
+    return math.prod(out) * a[-1]
+
+
+@op_spec("matmul", ops=("einsum",), view=_einsum_view, macs=_matmul_macs)
+@op_spec("matmul", ops=("matmul", "bmm", "mm", "__matmul__"), view=_matmul_view, macs=_matmul_macs)
 def matmul(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if out_shape is None or len(op.inputs) != 2:
@@ -104,7 +175,7 @@ def matmul(op: CanonicalOp, env: ChannelEnv):
     if la is None or lb is None or sa is None or sb is None:
         return default_rule(op, env)
     if op.name == "einsum":
-        eq = op.attrs.get("equation", "")
+        eq = op.attrs.equation
         if "..." in eq or "->" not in eq:
             return default_rule(op, env)
         lhs, out_l = eq.replace(" ", "").split("->")
@@ -130,7 +201,33 @@ def _repeat_heads(
     return Layout(a, lay.zero), new_shape
 
 
-@register(OpKind.SDPA)
+def _sdpa_view(op: CanonicalOp) -> CanonicalOp:
+    kw = op.node.kwargs
+    attrs = SdpaAttrs(op.arg(3, "attn_mask"), kw.get("scale", None), kw.get("enable_gqa", False))
+    return op.with_(name="sdpa", inputs=list(op.node.args[:3]), attrs=attrs)
+
+
+def _sdpa_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    q_old, q_new = s.old_shape(op.inputs[0]), s.new_shape(op.inputs[0])
+    if q_old and q_new and q_old[-1] != q_new[-1] and op.attrs.scale is None:
+        # the default scale is 1/sqrt(head_dim): pin the original so outputs stay exact
+        op.node.kwargs = {**op.node.kwargs, "scale": 1.0 / math.sqrt(q_old[-1])}
+
+
+def _sdpa_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
+    q, k, v = (shape(n) for n in op.inputs[:3])
+    if not q or not k or not v:
+        return 0
+    return math.prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+@op_spec(
+    "sdpa",
+    ops=("scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu"),
+    view=_sdpa_view,
+    rewrite=_sdpa_rewrite,
+    macs=_sdpa_macs,
+)
 def sdpa(op: CanonicalOp, env: ChannelEnv):
     q, k, v = op.inputs[:3]
     out_shape = env.shape(op.node)
@@ -147,7 +244,7 @@ def sdpa(op: CanonicalOp, env: ChannelEnv):
     attn = contract(
         env, [(lq, sq, bl + "le"), (lk, sk, bl + "se")], bl + "ls", attn_shape, "q @ k^T"
     )
-    mask = op.attrs.get("mask")
+    mask = op.attrs.mask
     ml, ms = env.layout(mask), env.shape(mask)
     if ml is not None and ms is not None:
         atoms = env.unify([(attn, attn_shape), (ml, ms)], attn_shape)
@@ -176,7 +273,73 @@ def _call_arg(node, index: int, name: str):
     return node.args[index] if index < len(node.args) else node.kwargs.get(name)
 
 
-@register(OpKind.MHA)
+def _mha_view(op: CanonicalOp) -> CanonicalOp:
+    mod = op.module
+    ref = {
+        r: module_param(op, r)
+        for r in (
+            "in_proj_weight",
+            "in_proj_bias",
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "bias_k",
+            "bias_v",
+        )
+    }
+    attrs = MHAAttrs(
+        num_heads=mod.num_heads,
+        embed_dim=mod.embed_dim,
+        head_dim=getattr(mod, "head_dim", mod.embed_dim // mod.num_heads),
+        v_head_dim=getattr(mod, "v_head_dim", mod.embed_dim // mod.num_heads),
+        batch_first=mod.batch_first,
+        out_proj_weight=ParamRef(f"{op.node.target}.out_proj.weight"),
+        out_proj_bias=module_param(op, "out_proj.bias"),
+        **ref,
+    )
+    return op.with_(name="multihead_attention", attrs=attrs)
+
+
+def _mha_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    """Swap a pruned ``nn.MultiheadAttention`` for ``PrunedMultiheadAttention``."""
+    env, node = s.plan.env, op.node
+    mod = s.gm.get_submodule(node.target)
+    atoms = env.param_atoms.get((env.canonical_param(f"{node.target}.in_proj_weight"), 0))
+    if not isinstance(mod, (nn.MultiheadAttention, PrunedMultiheadAttention)) or atoms is None:
+        return
+    h = mod.num_heads
+    d = getattr(mod, "head_dim", mod.embed_dim // h)
+    dv = getattr(mod, "v_head_dim", d)
+    keep = torch.from_numpy(s.plan.positions(atoms) != DROP)
+    q, v = keep[: h * d].view(h, d), keep[2 * h * d :].view(h, dv)
+    heads = q.any(1) | v.any(1)
+    new_d, new_dv = int(q[heads].sum(1).max()), int(v[heads].sum(1).max())
+    scale = getattr(mod, "scale", d**-0.5)  # the original scale, whatever head_dim becomes
+    parent_name, _, attr = node.target.rpartition(".")
+    parent = s.gm.get_submodule(parent_name) if parent_name else s.gm
+    new = PrunedMultiheadAttention.from_module(mod, int(heads.sum()), new_d, new_dv, scale)
+    setattr(parent, attr, new)
+
+
+def _mha_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
+    x = shape(op.inputs[0])
+    if not x or op.module is None:
+        return 0
+    w = op.module.in_proj_weight.shape  # (2 * h * d + h * dv, E), already sliced
+    out = op.module.out_proj.weight.shape  # (E_out, h * dv)
+    tokens = math.prod(x[:-1])
+    seq = x[1] if op.module.batch_first and len(x) == 3 else x[0]
+    h, d, dv = op.attrs.num_heads, op.attrs.head_dim, op.attrs.v_head_dim
+    return tokens * w[0] * w[1] + tokens * seq * h * (d + dv) + tokens * out[0] * out[1]
+
+
+@op_spec(
+    "mha",
+    modules=(nn.MultiheadAttention, PrunedMultiheadAttention),
+    view=_mha_view,
+    rewrite=_mha_rewrite,
+    macs=_mha_macs,
+)
 def multihead_attention(op: CanonicalOp, env: ChannelEnv):
     """``nn.MultiheadAttention``: packed q/k/v projections, heads, output projection.
 
@@ -194,7 +357,7 @@ def multihead_attention(op: CanonicalOp, env: ChannelEnv):
         return _mha_frozen(
             op, env, "nn.MultiheadAttention with kdim/vdim, bias_kv or zero attention"
         )
-    h, d, dv = op.attrs["num_heads"], op.attrs["head_dim"], op.attrs["v_head_dim"]
+    h, d, dv = op.attrs.num_heads, op.attrs.head_dim, op.attrs.v_head_dim
     e = mod.in_proj_weight.shape[1]
     prefix = op.node.target
     w = f"{prefix}.in_proj_weight"

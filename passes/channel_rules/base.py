@@ -1,17 +1,22 @@
-"""Rule registry and the environment channel rules run in.
+"""The op-spec decorator and the environments op hooks run in.
 
-A rule is a small function ``rule(op, env) -> Layout | list[Layout] | None``
-registered for one :class:`~fxprune.ops.OpKind`. It reads the layouts of the op's
-inputs from ``env``, relates atoms (union, bind parameter dims, freeze, mark
-inexact) and returns the layout of the op's output. Ops without a rule fall to
-:func:`default_rule`, which freezes every channel the op touches: fxprune never
-guesses at an op it does not understand.
+Each family file declares its ops with :func:`op_spec` on the op's channel rule: the
+targets it matches, its view (typed attributes), the rule itself, its post-surgery
+rewrite and its MACs, registered in :data:`fxprune.ops.REGISTRY`.
+
+A rule is ``rule(op, env) -> Layout | list[Layout] | None``: it reads the layouts of
+the op's inputs from :class:`ChannelEnv`, relates atoms (union, bind parameter dims,
+freeze, mark inexact) and returns the layout of the op's output. Ops without a spec
+fall to :func:`default_rule`, which freezes every channel the op touches: fxprune
+never guesses at an op it does not understand. A rewrite is ``rewrite(op, surgery)``
+with a :class:`SurgeryEnv`, run after parameters are sliced.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,25 +24,61 @@ import torch.fx as fx
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, AtomTable, Layout, compress
-from fxprune.ops import CanonicalOp, OpKind, normalize_dim
+from fxprune.ops import REGISTRY, CanonicalOp, OpSpec, normalize_dim
+from fxprune.passes.select_channels import DROP
 
 logger = logging.getLogger(__name__)
 
 Rule = Callable[[CanonicalOp, "ChannelEnv"], Any]
-RULES: dict[OpKind, Rule] = {}
 
 # Materialising an atom array over many dims is only needed inside reshapes; past this many
 # positions the reshape's channels are frozen instead (they would be spatial in practice).
 MAX_MATERIALIZE = 1 << 24
 
 
-def register(*kinds: OpKind) -> Callable[[Rule], Rule]:
-    def deco(fn: Rule) -> Rule:
-        for k in kinds:
-            RULES[k] = fn
-        return fn
+def op_spec(kind: str, **declared: Any) -> Callable[[Rule], Rule]:
+    """Declare an op family on its channel rule: ``@op_spec("conv", modules=..., ops=...)``.
+
+    ``declared`` takes the other fields of :class:`~fxprune.ops.OpSpec` (targets, view,
+    rewrite, macs). Stack several on one rule for families that share it; the rule's
+    ``.spec`` is its bottom-most declaration (a view hands a node over to it).
+    """
+
+    def deco(rule: Rule) -> Rule:
+        spec = REGISTRY.register(OpSpec(kind, rule=rule, **declared))
+        if not hasattr(rule, "spec"):
+            rule.spec = spec  # type: ignore[attr-defined]
+        return rule
 
     return deco
+
+
+def rule_of(op: CanonicalOp) -> Rule:
+    """The channel rule of ``op``: its spec's, or the default (freeze) one."""
+    return op.spec.rule or default_rule
+
+
+@dataclass
+class SurgeryEnv:
+    """What an op's rewrite hook sees: the graph, the plan and the planned shapes."""
+
+    gm: fx.GraphModule
+    plan: Any  # passes.surgery.ChannelPlan
+    planned: dict[fx.Node, Any]
+
+    def old_shape(self, node: Any) -> tuple[int, ...] | None:
+        return meta.shape_of(node)
+
+    def new_shape(self, node: Any) -> Any:
+        return self.planned.get(node) if isinstance(node, fx.Node) else None
+
+    def kept_before(self, lay: Layout, dim: int, size: int, bound: Any) -> Any:
+        """Where position ``bound`` of ``dim`` lands once dropped channels are gone."""
+        if bound is None or not isinstance(bound, int):
+            return bound
+        line = self.plan.line(lay, dim, size)
+        b = bound + size if bound < 0 else min(bound, size)
+        return int((line[:b] != DROP).sum())
 
 
 class ChannelEnv:

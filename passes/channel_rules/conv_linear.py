@@ -1,33 +1,195 @@
-"""Channel rules for ops with weights: conv (plain, grouped, depthwise), transposed
-conv, linear, embedding.
+"""Ops with weights: conv (plain, grouped, depthwise), transposed conv, linear, embedding.
 
 A weight's output rows are a *source* of channels (fresh atoms); its input columns
 are bound to the channels of the op's input. Grouped convs tie the same in-group
 position across groups, so each group keeps the same channels and ``groups`` stays
-as it is; depthwise convs tie each output to its input channel.
+as it is; depthwise convs tie each output to its input channel (surgery then sets
+``groups`` to the new channel count).
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.fx as fx
+from torch import nn
 
+from fxprune import meta
 from fxprune.channels import Layout
-from fxprune.ops import CanonicalOp, OpKind
-from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register
+from fxprune.ops import (
+    Attrs,
+    CanonicalOp,
+    ParamRef,
+    callable_name,
+    module_param,
+    param_arg,
+    param_shape,
+)
+from fxprune.passes.channel_rules.base import ChannelEnv, SurgeryEnv, default_rule, op_spec
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class WeightAttrs(Attrs):
+    """A weight (``ParamRef``; a computed tensor as its node), a bias, conv ``groups``."""
+
+    weight: ParamRef | fx.Node | None
+    bias: ParamRef | fx.Node | None = None
+    groups: int = 1
+
+
+_ATEN_CONV = ("convolution", "_convolution")  # (input, weight, bias, ..., transposed@6, groups@8)
+
+
+def _groups_pos(node: fx.Node) -> int:
+    return 8 if callable_name(node.target) in _ATEN_CONV else 6
+
+
 def _weight(op: CanonicalOp, env: ChannelEnv):
-    fqn = op.params.get("weight")
-    if fqn is None or fqn.startswith("<tensor"):
-        return None, None
-    return fqn, env.param_tensor(fqn)
+    ref = op.attrs.weight
+    if not isinstance(ref, ParamRef) or isinstance(op.attrs.bias, fx.Node):
+        return None, None  # a computed weight or bias cannot be sliced
+    return ref.fqn, env.param_tensor(ref.fqn)
 
 
-@register(OpKind.CONV)
+def _bind_bias(op: CanonicalOp, env: ChannelEnv, out: np.ndarray) -> None:
+    if isinstance(op.attrs.bias, ParamRef):
+        env.param_dim(op.attrs.bias.fqn, 0, len(out), bind=out)
+
+
+# -- views ------------------------------------------------------------------------------------
+
+
+def _conv_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        mod = op.module
+        attrs = WeightAttrs(module_param(op, "weight"), module_param(op, "bias"), mod.groups)
+        return op.with_(name=op.spec.kind, attrs=attrs)
+    attrs = WeightAttrs(
+        param_arg(op, 1, "weight"),
+        param_arg(op, 2, "bias"),
+        op.arg(_groups_pos(op.node), "groups", 1),
+    )
+    op = op.with_(inputs=[op.node.args[0]], attrs=attrs)
+    if op.name in _ATEN_CONV and op.arg(6, "transposed", False):
+        return op.with_(spec=conv_transpose.spec, name="conv_transpose")
+    return op.with_(name=op.spec.kind)
+
+
+def _linear_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        return op.with_(
+            name="linear", attrs=WeightAttrs(module_param(op, "weight"), module_param(op, "bias"))
+        )
+    attrs = WeightAttrs(param_arg(op, 1, "weight"), param_arg(op, 2, "bias"))
+    return op.with_(name="linear", inputs=[op.node.args[0]], attrs=attrs)
+
+
+def _embedding_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        return op.with_(name="embedding", attrs=WeightAttrs(module_param(op, "weight")))
+    # F.embedding(input, weight) vs aten.embedding(weight, indices)
+    w_idx = 0 if isinstance(op.node.target, torch._ops.OpOverload) else 1
+    w, idx = op.node.args[w_idx], op.node.args[1 - w_idx]
+    weight = ParamRef(w.target) if isinstance(w, fx.Node) and w.op == "get_attr" else w
+    return op.with_(name="embedding", inputs=[idx], attrs=WeightAttrs(weight))
+
+
+# -- rewrites after surgery -------------------------------------------------------------------
+
+
+def _conv_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    if op.node.op == "call_module":
+        _update_conv_module(op, s)
+        return
+    # A functional depthwise conv (one group per channel) gets the new channel count.
+    groups = int(op.attrs.groups or 1)
+    x = op.inputs[0]
+    old, new = s.old_shape(x), s.new_shape(x)
+    w = s.gm.get_parameter(op.attrs.weight.fqn) if isinstance(op.attrs.weight, ParamRef) else None
+    if groups == 1 or old is None or new is None or w is None:
+        return
+    cdim = len(old) - (w.dim() - 1)
+    if old[cdim] == groups and new[cdim] != old[cdim]:
+        pos = _groups_pos(op.node)
+        if len(op.node.args) > pos:
+            args = list(op.node.args)
+            args[pos] = new[cdim]
+            op.node.args = tuple(args)
+        else:
+            op.node.kwargs = {**op.node.kwargs, "groups": new[cdim]}
+
+
+def _update_conv_module(op: CanonicalOp, s: SurgeryEnv) -> None:
+    if op.node.op != "call_module":
+        return
+    mod = s.gm.get_submodule(op.node.target)
+    w = mod.weight
+    if mod.transposed:
+        mod.in_channels = w.shape[0]
+        mod.out_channels = w.shape[1] * mod.groups
+        return
+    x = op.node.args[0] if op.node.args else None
+    if mod.groups > 1 and mod.groups == mod.in_channels and s.new_shape(x) is not None:
+        mult = mod.out_channels // mod.groups
+        mod.groups = w.shape[0] // mult
+    mod.in_channels = w.shape[1] * mod.groups
+    mod.out_channels = w.shape[0]
+
+
+def _linear_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    if op.node.op == "call_module":
+        mod = s.gm.get_submodule(op.node.target)
+        mod.in_features, mod.out_features = mod.weight.shape[1], mod.weight.shape[0]
+
+
+def _embedding_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    if op.node.op == "call_module":
+        mod = s.gm.get_submodule(op.node.target)
+        mod.embedding_dim = mod.weight.shape[1]
+
+
+# -- MACs -------------------------------------------------------------------------------------
+
+
+def _conv_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
+    out = shape(op.node)
+    w = param_shape(gm, op.attrs.weight)
+    x = shape(op.inputs[0])
+    if w is None or out is None or x is None:
+        return 0
+    k = math.prod(w[2:])
+    cdim = len(x) - (len(w) - 1)
+    groups = int(op.attrs.groups or 1)
+    old_x = meta.shape_of(op.inputs[0])
+    if groups > 1 and old_x is not None and old_x[cdim] == groups:
+        groups = x[cdim]  # depthwise stays depthwise after pruning
+    if op.kind == "conv":
+        return math.prod(out) * (x[cdim] // groups) * k
+    return math.prod(x) * (out[cdim] // groups) * k
+
+
+def _linear_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
+    out, x = shape(op.node), shape(op.inputs[0])
+    return math.prod(out) * x[-1] if out and x else 0
+
+
+# -- the ops ----------------------------------------------------------------------------------
+
+
+@op_spec(
+    "conv",
+    modules=(nn.Conv1d, nn.Conv2d, nn.Conv3d),
+    ops=("conv1d", "conv2d", "conv3d", *_ATEN_CONV),
+    view=_conv_view,
+    rewrite=_conv_rewrite,
+    macs=_conv_macs,
+)
 def conv(op: CanonicalOp, env: ChannelEnv):
     fqn, w = _weight(op, env)
     x = op.inputs[0]
@@ -35,7 +197,7 @@ def conv(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if w is None or lay is None or shape is None or out_shape is None:
         return default_rule(op, env)
-    groups = int(op.attrs.get("groups") or 1)
+    groups = int(op.attrs.groups or 1)
     cdim = len(shape) - (w.dim() - 1)  # batched (N, C, ...) or unbatched (C, ...)
     c_out, c_in_g = w.shape[0], w.shape[1]
     xa = env.dim_atoms(lay, shape, cdim)
@@ -60,12 +222,18 @@ def conv(op: CanonicalOp, env: ChannelEnv):
         grid_out = out.reshape(groups, c_out // groups)
         env.table.union(grid_out[:1], grid_out)
         env.note_grouped(out, groups)
-    if op.params.get("bias"):
-        env.param_dim(op.params["bias"], 0, c_out, bind=out)
+    _bind_bias(op, env, out)
     return Layout.along(out, cdim, len(out_shape))
 
 
-@register(OpKind.CONV_TRANSPOSE)
+@op_spec(
+    "conv_transpose",
+    modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
+    ops=("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"),
+    view=_conv_view,
+    rewrite=_update_conv_module,
+    macs=_conv_macs,
+)
 def conv_transpose(op: CanonicalOp, env: ChannelEnv):
     fqn, w = _weight(op, env)
     x = op.inputs[0]
@@ -76,19 +244,25 @@ def conv_transpose(op: CanonicalOp, env: ChannelEnv):
         or lay is None
         or shape is None
         or out_shape is None
-        or int(op.attrs.get("groups") or 1) != 1
+        or int(op.attrs.groups or 1) != 1
     ):
         return default_rule(op, env)
     cdim = len(shape) - (w.dim() - 1)
     xa = env.dim_atoms(lay, shape, cdim)
     env.param_dim(fqn, 0, w.shape[0], bind=xa)
     out = env.param_dim(fqn, 1, w.shape[1])
-    if op.params.get("bias"):
-        env.param_dim(op.params["bias"], 0, w.shape[1], bind=out)
+    _bind_bias(op, env, out)
     return Layout.along(out, cdim, len(out_shape))
 
 
-@register(OpKind.LINEAR)
+@op_spec(
+    "linear",
+    modules=(nn.Linear,),
+    ops=("linear",),
+    view=_linear_view,
+    rewrite=_linear_rewrite,
+    macs=_linear_macs,
+)
 def linear(op: CanonicalOp, env: ChannelEnv):
     fqn, w = _weight(op, env)
     x = op.inputs[0]
@@ -101,17 +275,22 @@ def linear(op: CanonicalOp, env: ChannelEnv):
         env.inexact(xa, "linear reads channels that are non-zero when pruned")
     env.param_dim(fqn, 1, w.shape[1], bind=xa)
     out = env.param_dim(fqn, 0, w.shape[0])
-    if op.params.get("bias"):
-        env.param_dim(op.params["bias"], 0, w.shape[0], bind=out)
+    _bind_bias(op, env, out)
     return Layout.along(out, len(out_shape) - 1, len(out_shape))
 
 
-@register(OpKind.EMBEDDING)
+@op_spec(
+    "embedding",
+    modules=(nn.Embedding,),
+    ops=("embedding",),
+    view=_embedding_view,
+    rewrite=_embedding_rewrite,
+)
 def embedding(op: CanonicalOp, env: ChannelEnv):
-    fqn = op.params.get("weight")
+    ref = op.attrs.weight
     out_shape = env.shape(op.node)
-    if fqn is None or out_shape is None:
+    if not isinstance(ref, ParamRef) or out_shape is None:
         return default_rule(op, env)
-    w = env.param_tensor(fqn)
-    out = env.param_dim(fqn, 1, w.shape[1])
+    w = env.param_tensor(ref.fqn)
+    out = env.param_dim(ref.fqn, 1, w.shape[1])
     return Layout.along(out, len(out_shape) - 1, len(out_shape))

@@ -1,103 +1,248 @@
-"""Channel rules for graph boundaries and ops that keep channels where they are.
+"""Ops that keep channels where they are: activations, arithmetic, identity, softmax, reductions.
 
-Pass-through (activations, dropout, identity, pooling, interpolation, padding over
-spatial dims), union of broadcast operands (residual add/sub/mul/div, SE scaling,
-layer-scale parameters), and reductions/softmax (which keep the channel space when
-they reduce other dims and make it inexact when they reduce the channel dim).
+Pass-through (activations, dropout, identity, dtype casts), union of broadcast
+operands (residual add/sub/mul/div, SE scaling, layer-scale parameters), and
+reductions/softmax (which keep the channel space when they reduce other dims and
+make it inexact when they reduce the channel dim).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+import torchvision.ops
+from torch import nn
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout
-from fxprune.ops import CanonicalOp, OpKind, canonicalize, normalize_dim
-from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, nested_nodes, register
+from fxprune.ops import Attrs, CanonicalOp, ParamRef, module_param, normalize_dim
+from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, op_spec
 
 logger = logging.getLogger(__name__)
 
-# Ops that read a get_attr'd parameter as a weight (the op's rule binds its dims).
-_WEIGHT_READERS = (OpKind.CONV, OpKind.CONV_TRANSPOSE, OpKind.LINEAR, OpKind.NORM, OpKind.EMBEDDING)
+
+@dataclass(frozen=True)
+class ElementwiseAttrs(Attrs):
+    """``zero_preserving``: f(0) == 0 (None: decided per operand, for binary ops)."""
+
+    arity: int
+    zero_preserving: bool | None
+    scalar_args: tuple[Any, ...] = ()  # python numbers among the arguments (x + 1)
+    weight: ParamRef | None = None  # PReLU's slopes
 
 
-@register(OpKind.PLACEHOLDER)
-def placeholder(op: CanonicalOp, env: ChannelEnv):
-    # Model inputs are untracked: their channels are the user's data and never pruned.
-    return env.untracked(op.node)
+@dataclass(frozen=True)
+class DimAttrs(Attrs):
+    """The dim a softmax or reduction runs over (None: all dims)."""
+
+    dim: Any
+    keepdim: bool = False
 
 
-@register(OpKind.SCALAR)
-def scalar(op: CanonicalOp, env: ChannelEnv):
-    return None
+# Unary element-wise ops. The flag says whether f(0) == 0: when it holds, a pruned (zeroed)
+# channel stays zero through the op, which the correctness oracle relies on.
+_UNARY: dict[str, bool] = {
+    "relu": True,
+    "relu_": True,
+    "relu6": True,
+    "gelu": True,
+    "silu": True,
+    "silu_": True,
+    "hardswish": True,
+    "hardswish_": True,
+    "mish": True,
+    "leaky_relu": True,
+    "leaky_relu_": True,
+    "elu": True,
+    "selu": True,
+    "celu": True,
+    "tanh": True,
+    "hardtanh": True,
+    "hardtanh_": True,
+    "prelu": True,
+    "softshrink": True,
+    "hardshrink": True,
+    "neg": True,
+    "abs": True,
+    "square": True,
+    "sin": True,
+    "sqrt": True,
+    "erf": True,
+    "sign": True,
+    "sigmoid": False,
+    "sigmoid_": False,
+    "hardsigmoid": False,
+    "hardsigmoid_": False,
+    "exp": False,
+    "cos": False,
+    "log": False,
+    "reciprocal": False,
+    "rsqrt": False,
+    "softplus": False,
+    "logsigmoid": False,
+    "log_sigmoid": False,
+    "pow": True,  # with a positive scalar exponent; anything else is not zero preserving
+    "clamp": False,
+    "clip": False,
+    "clamp_min": False,
+    "clamp_max": False,
+}
+_BINARY = (
+    "add",
+    "add_",
+    "iadd",
+    "sub",
+    "sub_",
+    "isub",
+    "rsub",
+    "mul",
+    "mul_",
+    "imul",
+    "div",
+    "div_",
+    "truediv",
+    "itruediv",
+    "floordiv",
+    "maximum",
+    "minimum",
+    "where",
+)
+_ACTIVATIONS = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.Hardswish,
+    nn.Mish,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.Tanh,
+    nn.Hardtanh,
+    nn.Softshrink,
+    nn.Hardshrink,
+)
+_SATURATING = (nn.Sigmoid, nn.Hardsigmoid, nn.Softplus, nn.LogSigmoid)  # f(0) != 0
 
 
-@register(OpKind.PARAM)
-def param(op: CanonicalOp, env: ChannelEnv):
-    """A parameter used as a tensor (layer scale, position embedding, class token).
+# -- views ------------------------------------------------------------------------------------
 
-    Its last dim carries channels; dims a weight-reading op binds itself are left to it.
-    """
-    shape = env.shape(op.node)
-    dtype = meta.dtype_of(op.node)
-    if shape is None or not shape or dtype is None or not dtype.is_floating_point:
-        return env.untracked(op.node)  # integer buffers (position ids, masks) carry no channels
-    users = [canonicalize(u, env.gm) for u in op.node.users]
-    if users and all(
-        u.kind in _WEIGHT_READERS and op.node.target in u.params.values() for u in users
+
+def _unary_view(op: CanonicalOp) -> CanonicalOp:
+    args = op.node.args
+    if op.name == "pow" and not (
+        len(args) > 1 and isinstance(args[1], (int, float)) and args[1] > 0
     ):
-        return env.untracked(op.node)
-    if shape[-1] == 1:
-        return env.untracked(op.node)
-    if env.head_mode == "heads" and env.is_buffer(op.node.target):
-        # A per-dim buffer shared by all heads (rotary frequencies): whole heads never remove
-        # its dims, and tracking it would tie every head together.
-        return env.untracked(op.node)
-    atoms = env.param_dim(op.node.target, len(shape) - 1, shape[-1])
-    return Layout.along(atoms, len(shape) - 1, len(shape))
+        return op.with_(attrs=ElementwiseAttrs(len(op.inputs), False))
+    return op.with_(attrs=ElementwiseAttrs(1, _UNARY.get(op.name, False)))
 
 
-@register(OpKind.OUTPUT)
-def output(op: CanonicalOp, env: ChannelEnv):
-    for n in nested_nodes(op.node.args):
-        lay = env.layouts.get(n)
-        for one in lay if isinstance(lay, list) else [lay]:
-            if isinstance(one, Layout):
-                env.freeze_layout(one, "reaches the model output")
-    return None
+def _binary_view(op: CanonicalOp) -> CanonicalOp:
+    values = list(op.node.args) + list(op.node.kwargs.values())
+    numbers = tuple(x for x in values if isinstance(x, (int, float)) and not isinstance(x, bool))
+    return op.with_(attrs=ElementwiseAttrs(len(op.inputs), None, numbers))
 
 
-@register(OpKind.GETITEM)
-def getitem(op: CanonicalOp, env: ChannelEnv):
-    src = op.inputs[0] if op.inputs else None
-    lay = env.layouts.get(src) if src is not None else None
-    idx = op.attrs.get("index")
-    if isinstance(lay, list) and isinstance(idx, int) and -len(lay) <= idx < len(lay):
-        return lay[idx]
-    return env.untracked(op.node)
+def _activation_view(op: CanonicalOp) -> CanonicalOp:
+    zero = not isinstance(op.module, _SATURATING)
+    return op.with_(name=type(op.module).__name__.lower(), attrs=ElementwiseAttrs(1, zero))
 
 
-@register(OpKind.IDENTITY)
+def _prelu_view(op: CanonicalOp) -> CanonicalOp:
+    return op.with_(
+        name="prelu", attrs=ElementwiseAttrs(1, True, weight=module_param(op, "weight"))
+    )
+
+
+def _prelu_rewrite(op: CanonicalOp, s) -> None:
+    mod = s.gm.get_submodule(op.node.target)
+    mod.num_parameters = mod.weight.numel()
+
+
+def _identity_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        return op.with_(name="identity")
+    return op.with_(inputs=op.inputs[:1])
+
+
+def _softmax_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        return op.with_(name="softmax", attrs=DimAttrs(op.module.dim))
+    return op.with_(name="softmax", inputs=op.inputs[:1], attrs=DimAttrs(op.arg(1, "dim")))
+
+
+def _reduce_view(op: CanonicalOp) -> CanonicalOp:
+    attrs = DimAttrs(op.arg(1, "dim"), op.arg(2, "keepdim", False))
+    return op.with_(inputs=op.inputs[:1], attrs=attrs)
+
+
+# -- the ops ----------------------------------------------------------------------------------
+
+
+@op_spec(
+    "identity",
+    module_types=(
+        nn.Dropout,
+        nn.Dropout1d,
+        nn.Dropout2d,
+        nn.Dropout3d,
+        nn.AlphaDropout,
+        nn.Identity,
+    ),
+    ops=(
+        "dropout",
+        "dropout_",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "native_dropout",
+        "clone",
+        "contiguous",
+        "detach",
+        "identity",
+        "lift_fresh_copy",
+        "alias",
+        "_assert_tensor_metadata",
+        # dtype casts
+        "to",
+        "_to_copy",
+        "float",
+        "half",
+        "bfloat16",
+        "type_as",
+    ),
+    # Identity in eval mode; in training it scales whole samples, never single channels.
+    functions=(torchvision.ops.stochastic_depth,),
+    view=_identity_view,
+)
 def identity(op: CanonicalOp, env: ChannelEnv):
     lay = env.layout(op.inputs[0]) if op.inputs else None
     return lay if lay is not None else env.untracked(op.node)
 
 
-@register(OpKind.ELEMENTWISE)
+@op_spec("elementwise", modules=(nn.PReLU,), view=_prelu_view, rewrite=_prelu_rewrite)
+@op_spec("elementwise", module_types=_ACTIVATIONS, modules=_SATURATING, view=_activation_view)
+@op_spec("elementwise", ops=_BINARY, view=_binary_view)
+@op_spec("elementwise", ops=tuple(_UNARY), view=_unary_view)
 def elementwise(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if out_shape is None:
         return default_rule(op, env)
     tensors = [n for n in op.inputs if env.shape(n) is not None]
-    if op.params.get("weight") and tensors:  # PReLU with one slope per channel
+    weight = op.attrs.weight
+    if weight is not None and tensors:  # PReLU with one slope per channel
         x = tensors[0]
         lay = env.layout(x)
         shape = env.shape(x)
-        w = env.param_tensor(op.params["weight"])
+        w = env.param_tensor(weight.fqn)
         if w is not None and w.numel() > 1 and len(shape) > 1:
-            env.param_dim(op.params["weight"], 0, w.numel(), bind=env.dim_atoms(lay, shape, 1))
+            env.param_dim(weight.fqn, 0, w.numel(), bind=env.dim_atoms(lay, shape, 1))
         return lay
     if len(tensors) == 1:
         lay = env.layout(tensors[0])
@@ -115,15 +260,15 @@ def elementwise(op: CanonicalOp, env: ChannelEnv):
 def _zero_preserving(op: CanonicalOp, lays: list[Layout]) -> bool:
     """Whether pruned (zero) channels stay zero through this op."""
     name = op.name
-    if op.attrs.get("arity") == 1 or len(lays) == 1:
+    a = op.attrs
+    if a.arity == 1 or len(lays) == 1:
         if name in ("add", "sub", "rsub", "add_", "sub_", "iadd", "isub"):
-            return lays[0].zero and not any(op.attrs.get("scalar_args") or [])
+            return lays[0].zero and not any(a.scalar_args)
         if name in ("mul", "mul_", "imul", "div", "div_", "truediv", "itruediv"):
             return lays[0].zero
-        zp = op.attrs.get("zero_preserving")
-        return lays[0].zero and bool(zp)
+        return lays[0].zero and bool(a.zero_preserving)
     if name in ("add", "sub", "add_", "sub_", "iadd", "isub", "rsub"):
-        return all(x.zero for x in lays) and not any(op.attrs.get("scalar_args") or [])
+        return all(x.zero for x in lays) and not any(a.scalar_args)
     if name in ("mul", "mul_", "imul"):
         return any(x.zero and x.is_tracked() for x in lays) or all(x.zero for x in lays)
     if name in ("div", "div_", "truediv", "itruediv"):
@@ -131,45 +276,16 @@ def _zero_preserving(op: CanonicalOp, lays: list[Layout]) -> bool:
     return False
 
 
-@register(OpKind.POOL)
-def pool(op: CanonicalOp, env: ChannelEnv):
-    lay = env.layout(op.inputs[0]) if op.inputs else None
-    in_shape, out_shape = env.shape(op.inputs[0]) if op.inputs else None, env.shape(op.node)
-    if lay is None or out_shape is None or in_shape is None or len(in_shape) != len(out_shape):
-        return default_rule(op, env)
-    # Pooling and resizing act on the trailing spatial dims; channels must not live there.
-    spatial = range(max(1, len(in_shape) - _spatial_ndim(op, in_shape)), len(in_shape))
-    if any(lay.atoms.shape[d] > 1 for d in spatial):
-        env.freeze_layout(lay, f"'{op.name}' pools over a dim that carries channels")
-        return env.untracked(op.node)
-    return lay
-
-
-def _spatial_ndim(op: CanonicalOp, shape: tuple[int, ...]) -> int:
-    return max(len(shape) - 2, 1)
-
-
-@register(OpKind.PAD)
-def pad(op: CanonicalOp, env: ChannelEnv):
-    lay = env.layout(op.inputs[0])
-    shape = env.shape(op.inputs[0])
-    amounts = list(op.attrs.get("pad") or ())
-    padded = [len(shape) - 1 - i // 2 for i, p in enumerate(amounts) if p]
-    if any(lay.atoms.shape[d] > 1 for d in padded if 0 <= d < len(shape)):
-        env.freeze_layout(lay, "padding along a channel dim")
-        return env.untracked(op.node)
-    value = op.node.kwargs.get("value", op.node.args[3] if len(op.node.args) > 3 else 0) or 0
-    if op.node.op == "call_module" and op.module is not None:
-        value = getattr(op.module, "value", 0) or 0
-    mode = op.node.kwargs.get("mode", op.node.args[2] if len(op.node.args) > 2 else "constant")
-    return Layout(lay.atoms, lay.zero and (value == 0 or mode != "constant"))
-
-
-@register(OpKind.SOFTMAX)
+@op_spec(
+    "softmax",
+    modules=(nn.Softmax, nn.LogSoftmax),
+    ops=("softmax", "log_softmax", "_softmax", "_log_softmax", "_safe_softmax"),
+    view=_softmax_view,
+)
 def softmax(op: CanonicalOp, env: ChannelEnv):
     lay = env.layout(op.inputs[0])
     shape = env.shape(op.inputs[0])
-    dim = op.attrs.get("dim")
+    dim = op.attrs.dim
     if dim is None or shape is None:
         return default_rule(op, env)
     dim = normalize_dim(dim, len(shape))
@@ -178,13 +294,17 @@ def softmax(op: CanonicalOp, env: ChannelEnv):
     return Layout(lay.atoms, False)
 
 
-@register(OpKind.REDUCE)
+@op_spec(
+    "reduce",
+    ops=("mean", "sum", "amax", "amin", "max", "min", "std", "var", "norm", "logsumexp", "prod"),
+    view=_reduce_view,
+)
 def reduce(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0] if op.inputs else None
     lay, shape = env.layout(src), env.shape(src)
     if lay is None or shape is None:
         return default_rule(op, env)
-    dims = op.attrs.get("dim")
+    dims = op.attrs.dim
     if dims is None or (isinstance(dims, (list, tuple)) and len(dims) == 0):
         dims = list(range(len(shape)))
     dims = [
@@ -192,7 +312,7 @@ def reduce(op: CanonicalOp, env: ChannelEnv):
     ]
     if not all(isinstance(d, int) for d in dims):
         return default_rule(op, env)
-    keepdim = bool(op.attrs.get("keepdim"))
+    keepdim = bool(op.attrs.keepdim)
     atoms = lay.atoms
     if any(atoms.shape[d] > 1 for d in dims):
         if not (op.name == "sum" and lay.zero):

@@ -1,27 +1,77 @@
-"""Channel rules for ops that move, cut, join or reinterpret channel positions.
+"""Ops that move, cut, join or reinterpret channel positions.
 
 concat (a composite with offsets; nested and repeated inputs), split / chunk /
 unbind / slicing / narrow / select, view / reshape / flatten / unflatten (merging
 C x H x W into features, splitting C into heads x head_dim, hard-coded literal
 shapes), permute / transpose / movedim, expand / repeat / repeat_interleave (GQA),
 and pixel (un)shuffle. Layouts are followed position by position, so a channel
-shuffle (view-transpose-view) is tracked exactly.
+shuffle (view-transpose-view) is tracked exactly. After surgery the sizes written in
+the graph (view sizes, split sizes — a ``chunk`` becomes a ``split`` —, slice
+bounds, an ``nn.Unflatten``'s sizes) follow the kept channels.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
+from torch import nn
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout, compress
-from fxprune.ops import CanonicalOp, OpKind, normalize_dim
-from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, register, reshape_atoms
+from fxprune.ops import Attrs, CanonicalOp, normalize_dim
+from fxprune.passes.channel_rules.base import (
+    ChannelEnv,
+    SurgeryEnv,
+    default_rule,
+    op_spec,
+    reshape_atoms,
+)
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CatAttrs(Attrs):
+    dim: int
+
+
+@dataclass(frozen=True)
+class SplitAttrs(Attrs):
+    dim: int
+    sizes: Any = None  # split size or sections
+    chunks: int | None = None
+    unbind: bool = False
+
+
+@dataclass(frozen=True)
+class SliceAttrs(Attrs):
+    """narrow / slice: dim, start, end, step; select: dim, index; getitem: index."""
+
+    dim: Any = None
+    start: Any = None
+    end: Any = None
+    step: Any = 1
+    index: Any = None
+
+
+@dataclass(frozen=True)
+class ItemAttrs(Attrs):
+    index: Any
+
+
+@dataclass(frozen=True)
+class PixelShuffleAttrs(Attrs):
+    factor: Any
+    up: bool
+
+
+def _first_input(op: CanonicalOp) -> CanonicalOp:
+    return op.with_(inputs=op.inputs[:1])
 
 
 def _full_along(atoms: np.ndarray, shape, dims) -> np.ndarray:
@@ -29,12 +79,17 @@ def _full_along(atoms: np.ndarray, shape, dims) -> np.ndarray:
     return np.broadcast_to(atoms, target).copy()
 
 
-@register(OpKind.CAT)
+def _cat_view(op: CanonicalOp) -> CanonicalOp:
+    tensors = op.arg(0, "tensors")
+    return op.with_(name="cat", inputs=list(tensors), attrs=CatAttrs(op.arg(1, "dim", 0)))
+
+
+@op_spec("cat", ops=("cat", "concat", "concatenate"), view=_cat_view)
 def cat(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if out_shape is None or not op.inputs:
         return default_rule(op, env)
-    dim = normalize_dim(int(op.attrs.get("dim", 0)), len(out_shape))
+    dim = normalize_dim(int(op.attrs.dim), len(out_shape))
     parts = [(env.layout(n), env.shape(n)) for n in op.inputs]
     if any(lay is None or s is None or len(s) != len(out_shape) for lay, s in parts):
         return default_rule(op, env)
@@ -53,17 +108,59 @@ def cat(op: CanonicalOp, env: ChannelEnv):
     return Layout(atoms, all(lay.zero for lay, _ in parts))
 
 
-@register(OpKind.SPLIT)
+def _split_view(op: CanonicalOp) -> CanonicalOp:
+    a = op.arg
+    if op.name == "unbind":
+        attrs = SplitAttrs(a(1, "dim", 0), unbind=True)
+    elif op.name == "chunk":
+        attrs = SplitAttrs(a(2, "dim", 0), chunks=a(1, "chunks"))
+    else:
+        size = a(1, "split_size_or_sections", a(1, "split_size", a(1, "split_sizes")))
+        attrs = SplitAttrs(a(2, "dim", 0), size)
+    return op.with_(inputs=op.inputs[:1], attrs=attrs)
+
+
+def _split_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    """Write the new sizes; a ``chunk`` becomes a ``split`` with explicit sizes."""
+    node = op.node
+    if op.attrs.unbind:
+        return
+    outs = s.new_shape(node)
+    val = meta.tensor_value(node)
+    src_shape = meta.shape_of(op.inputs[0])
+    if not isinstance(outs, list) or meta.output_values(node) is None or src_shape is None:
+        return
+    dim = normalize_dim(int(op.attrs.dim), len(src_shape))
+    old_sizes = [int(v.shape[dim]) for v in val]
+    new_sizes = [o[dim] if o is not None else n for o, n in zip(outs, old_sizes)]
+    if new_sizes == old_sizes:
+        return
+    x = op.inputs[0]
+    if isinstance(node.target, torch._ops.OpOverload):
+        node.target = torch.ops.aten.split_with_sizes.default
+    elif node.op == "call_method":
+        node.target = "split"
+    else:
+        node.target = torch.split
+    node.args, node.kwargs = (x, new_sizes, dim), {}
+
+
+@op_spec(
+    "split",
+    ops=("split", "chunk", "unbind", "split_with_sizes", "unsafe_split"),
+    view=_split_view,
+    rewrite=_split_rewrite,
+)
 def split(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0]
     lay, shape = env.layout(src), env.shape(src)
     outs = meta.output_values(op.node)
     if lay is None or shape is None or outs is None:
         return default_rule(op, env)
-    dim = normalize_dim(int(op.attrs.get("dim", 0)), len(shape))
+    dim = normalize_dim(int(op.attrs.dim), len(shape))
     atoms = env.canonical(lay.atoms)
     varies = atoms.shape[dim] > 1
-    if op.attrs.get("unbind"):
+    if op.attrs.unbind:
         if varies:
             env.freeze(atoms, "unbind along a channel dim")
         piece = (
@@ -109,24 +206,100 @@ def _normalize_index(index: Any, ndim: int) -> list[Any] | None:
     return out
 
 
-@register(OpKind.SLICE, OpKind.SELECT)
+def _getitem_view(op: CanonicalOp) -> CanonicalOp:
+    src, index = op.node.args[0], op.node.args[1]
+    if isinstance(src, fx.Node) and meta.is_tensor_node(src):
+        return op.with_(spec=slicing.spec, inputs=[src], attrs=SliceAttrs(index=index))
+    return op.with_(inputs=[src] if isinstance(src, fx.Node) else [], attrs=ItemAttrs(index))
+
+
+@op_spec("getitem", ops=("getitem",), view=_getitem_view)
+def tuple_item(op: CanonicalOp, env: ChannelEnv):
+    """One result of an op with several (split, max with dim); a tensor's item is a slice."""
+    src = op.inputs[0] if op.inputs else None
+    lay = env.layouts.get(src) if src is not None else None
+    idx = op.attrs.index
+    if isinstance(lay, list) and isinstance(idx, int) and -len(lay) <= idx < len(lay):
+        return lay[idx]
+    return env.untracked(op.node)
+
+
+def _slice_view(op: CanonicalOp) -> CanonicalOp:
+    a = op.arg
+    if op.name == "narrow":
+        start = a(2, "start")
+        attrs = SliceAttrs(a(1, "dim"), start, start + a(3, "length"), 1)
+    else:
+        attrs = SliceAttrs(a(1, "dim", 0), a(2, "start"), a(3, "end"), a(4, "step", 1))
+    return op.with_(inputs=op.inputs[:1], attrs=attrs)
+
+
+def _select_view(op: CanonicalOp) -> CanonicalOp:
+    attrs = SliceAttrs(op.arg(1, "dim"), index=op.arg(2, "index"))
+    return op.with_(inputs=op.inputs[:1], attrs=attrs)
+
+
+def _slice_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    """Move slice bounds along a pruned dim to where the kept channels now are."""
+    src = op.inputs[0]
+    lay, shape = meta.get(src, meta.LAYOUT), meta.shape_of(src)
+    if not isinstance(lay, Layout) or shape is None:
+        return
+    if op.name == "getitem":
+        _rewrite_index(op, s, lay, shape)
+        return
+    dim = normalize_dim(int(op.attrs.dim), len(shape))
+    if lay.atoms.shape[dim] <= 1:
+        return
+    args = list(op.node.args)
+    if op.name == "narrow":
+        ns = s.kept_before(lay, dim, shape[dim], op.attrs.start)
+        args[2], args[3] = ns, s.kept_before(lay, dim, shape[dim], op.attrs.end) - ns
+    else:
+        while len(args) < 4:
+            args.append(None)
+        args[2] = s.kept_before(lay, dim, shape[dim], args[2])
+        args[3] = s.kept_before(lay, dim, shape[dim], args[3])
+    op.node.args = tuple(args)
+
+
+def _rewrite_index(op: CanonicalOp, s: SurgeryEnv, lay: Layout, shape) -> None:
+    index = op.attrs.index
+    items = list(index) if isinstance(index, tuple) else [index]
+    d, changed = 0, False
+    if any(i is Ellipsis for i in items):
+        return
+    for k, item in enumerate(items):
+        if item is None:
+            continue
+        if isinstance(item, slice) and d < len(shape) and lay.atoms.shape[d] > 1:
+            new = slice(
+                s.kept_before(lay, d, shape[d], item.start),
+                s.kept_before(lay, d, shape[d], item.stop),
+                item.step,
+            )
+            if new != item:
+                items[k], changed = new, True
+        d += 1
+    if changed:
+        op.node.args = (op.node.args[0], tuple(items) if isinstance(index, tuple) else items[0])
+
+
+@op_spec("select", ops=("select",), view=_select_view)
+@op_spec("slice", ops=("narrow", "slice"), view=_slice_view, rewrite=_slice_rewrite)
 def slicing(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0] if op.inputs else None
     lay, shape = env.layout(src), env.shape(src)
     out_shape = env.shape(op.node)
     if lay is None or shape is None or out_shape is None:
         return default_rule(op, env)
+    a = op.attrs
     if op.name == "getitem":
-        index = _normalize_index(op.attrs["index"], len(shape))
+        index = _normalize_index(a.index, len(shape))
     else:
-        dim = normalize_dim(int(op.attrs["dim"]), len(shape))
+        dim = normalize_dim(int(a.dim), len(shape))
         index = [slice(None)] * len(shape)
-        if op.kind == OpKind.SELECT:
-            index[dim] = op.attrs["index"]
-        else:
-            index[dim] = slice(
-                op.attrs.get("start"), op.attrs.get("end"), op.attrs.get("step") or 1
-            )
+        index[dim] = a.index if op.kind == "select" else slice(a.start, a.end, a.step or 1)
     if index is not None:
         index = [
             slice(*(_value(v) for v in (i.start, i.stop, i.step)))
@@ -164,7 +337,94 @@ def slicing(op: CanonicalOp, env: ChannelEnv):
     return Layout(compress(out), lay.zero)
 
 
-@register(OpKind.RESHAPE)
+def _reshape_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        return op.with_(name="unflatten" if isinstance(op.module, nn.Unflatten) else "flatten")
+    return op.with_(inputs=op.inputs[:1])
+
+
+def _size_args(node: fx.Node, name: str) -> tuple[int, list[Any]] | None:
+    """(position of the sizes in node.args, the sizes) for view/reshape/expand/unflatten."""
+    args = node.args
+    if name in ("view", "reshape", "_unsafe_view", "expand"):
+        if len(args) == 2 and isinstance(args[1], (list, tuple)):
+            return 1, list(args[1])
+        if node.op == "call_method" and len(args) >= 2:
+            return -1, list(args[1:])
+        if "size" in node.kwargs or "shape" in node.kwargs:
+            return -2, list(node.kwargs.get("size", node.kwargs.get("shape")))
+    if name == "unflatten" and len(args) >= 3:
+        return 2, list(args[2])
+    return None
+
+
+def _sizes_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    """Write the new sizes into a view / reshape / expand / unflatten (and nn.Unflatten)."""
+    node = op.node
+    old, new = s.old_shape(node), s.new_shape(node)
+    if old is None or new is None:
+        return
+    if tuple(old) != tuple(new):
+        _rewrite_sizes(op, old, new)
+    if node.op == "call_module" and op.name == "unflatten":
+        x = node.args[0] if node.args else None
+        in_old = s.old_shape(x) if isinstance(x, fx.Node) else None
+        if in_old is not None:
+            mod = s.gm.get_submodule(node.target)
+            dim = normalize_dim(mod.dim, len(in_old))
+            mod.unflattened_size = tuple(new[dim : dim + len(mod.unflattened_size)])
+
+
+def _rewrite_sizes(op: CanonicalOp, old: tuple, new: tuple) -> None:
+    node = op.node
+    found = _size_args(node, op.name)
+    if found is None:
+        return
+    pos, sizes = found
+    if op.name == "unflatten":
+        dim = normalize_dim(int(node.args[1]), len(meta.shape_of(op.inputs[0])))
+        span = range(dim, dim + len(sizes))
+        sizes = [
+            s if (isinstance(s, int) and s == -1) or old[d] == new[d] else new[d]
+            for s, d in zip(sizes, span)
+        ]
+    elif len(sizes) == len(old):
+        sizes = [
+            s if (isinstance(s, int) and s == -1) or o == n else n
+            for s, o, n in zip(sizes, old, new)
+        ]
+    else:
+        return
+    args = list(node.args)
+    if pos == -1:
+        node.args = (args[0], *sizes)
+    elif pos == -2:
+        key = "size" if "size" in node.kwargs else "shape"
+        node.kwargs = {**node.kwargs, key: sizes}
+    else:
+        args[pos] = sizes
+        node.args = tuple(args)
+
+
+@op_spec(
+    "reshape",
+    modules=(nn.Flatten, nn.Unflatten),
+    ops=(
+        "view",
+        "reshape",
+        "flatten",
+        "unflatten",
+        "squeeze",
+        "unsqueeze",
+        "squeeze_",
+        "unsqueeze_",
+        "view_as",
+        "reshape_as",
+        "_unsafe_view",
+    ),
+    view=_reshape_view,
+    rewrite=_sizes_rewrite,
+)
 def reshape(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0] if op.inputs else None
     lay, in_shape = env.layout(src), env.shape(src)
@@ -199,7 +459,11 @@ def _permutation(op: CanonicalOp, ndim: int) -> list[int] | None:
     return None
 
 
-@register(OpKind.PERMUTE)
+@op_spec(
+    "permute",
+    ops=("permute", "transpose", "transpose_", "movedim", "moveaxis", "t", "swapaxes", "swapdims"),
+    view=_first_input,
+)
 def permute(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0]
     lay, shape = env.layout(src), env.shape(src)
@@ -211,7 +475,12 @@ def permute(op: CanonicalOp, env: ChannelEnv):
     return Layout(np.transpose(lay.atoms, perm), lay.zero)
 
 
-@register(OpKind.EXPAND)
+@op_spec(
+    "expand",
+    ops=("expand", "expand_as", "repeat", "repeat_interleave", "tile"),
+    view=_first_input,
+    rewrite=_sizes_rewrite,
+)
 def expand(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0]
     lay, in_shape = env.layout(src), env.shape(src)
@@ -238,17 +507,33 @@ def expand(op: CanonicalOp, env: ChannelEnv):
     return Layout(np.tile(atoms, tiles), lay.zero)
 
 
-@register(OpKind.PIXEL_SHUFFLE)
+def _pixel_shuffle_view(op: CanonicalOp) -> CanonicalOp:
+    if op.module is not None:
+        up = isinstance(op.module, nn.PixelShuffle)
+        factor = op.module.upscale_factor if up else op.module.downscale_factor
+        name = "pixel_shuffle" if up else "pixel_unshuffle"
+        return op.with_(name=name, attrs=PixelShuffleAttrs(factor, up))
+    up = op.name == "pixel_shuffle"
+    factor = op.arg(1, "upscale_factor" if up else "downscale_factor")
+    return op.with_(inputs=op.inputs[:1], attrs=PixelShuffleAttrs(factor, up))
+
+
+@op_spec(
+    "pixel_shuffle",
+    modules=(nn.PixelShuffle, nn.PixelUnshuffle),
+    ops=("pixel_shuffle", "pixel_unshuffle"),
+    view=_pixel_shuffle_view,
+)
 def pixel_shuffle(op: CanonicalOp, env: ChannelEnv):
     src = op.inputs[0]
     lay, shape = env.layout(src), env.shape(src)
     out_shape = env.shape(op.node)
-    r = op.attrs.get("factor")
+    r = op.attrs.factor
     if lay is None or shape is None or out_shape is None or not isinstance(r, int):
         return default_rule(op, env)
     cdim = len(shape) - 3
     xa = env.dim_atoms(lay, shape, cdim)
-    if op.attrs.get("up"):
+    if op.attrs.up:
         grid = xa.reshape(-1, r * r)  # output channel c reads input channels c*r^2 .. c*r^2+r^2-1
         env.table.union(grid[:, :1], grid)
         out = grid[:, 0]

@@ -38,11 +38,19 @@ from typing import Any
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from fxprune import validate
 from fxprune.errors import BenchError
-from fxprune.export.onnx import eval_version
+from fxprune.export.onnx import eval_version, named_tensor_inputs, ort_feed, to_onnx
+from fxprune.export.tensorrt import (
+    TrtEngineRunner,
+    available_runtimes,
+    build_engine,
+    gpu_available,
+)
 from fxprune.files import write_bytes_atomic
+from fxprune.report import count_macs
 from fxprune.trace import ExampleInputs
 
 logger = logging.getLogger(__name__)
@@ -308,8 +316,6 @@ class _OrtModels:
         self.sessions: dict[tuple[str, str], Any] = {}
 
     def export(self, name: str, model: nn.Module, inputs: Any) -> Path:
-        from fxprune.export import to_onnx
-
         if name not in self.paths:
             path = self.folder / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.onnx"
             to_onnx(model, inputs, path, dynamic_batch=True)
@@ -339,8 +345,6 @@ class _OrtModels:
         return self.sessions[key]
 
     def runner(self, name: str, model: nn.Module, inputs: Any, provider: str) -> _Runner:
-        from fxprune.export.onnx import named_tensor_inputs, ort_feed
-
         session = self.session(name, provider)
         args, kwargs = _split(inputs)
         feed = ort_feed(
@@ -358,20 +362,6 @@ class _OrtModels:
         for output in session.get_outputs():
             binding.bind_output(output.name, "cuda")
         return _Runner(call=lambda: session.run_with_iobinding(binding))
-
-
-def _find_count_macs() -> Callable[..., int] | None:
-    """fxprune's MAC counter if this version of the package has one."""
-    with contextlib.suppress(Exception):
-        import fxprune
-
-        if hasattr(fxprune, "count_macs"):
-            return fxprune.count_macs
-    with contextlib.suppress(Exception):
-        from fxprune.report import count_macs
-
-        return count_macs
-    return None
 
 
 @contextlib.contextmanager
@@ -465,7 +455,6 @@ def compare_latency(
     infos = _model_infos(models, inputs_for(min(batch_sizes)), min(batch_sizes), macs, notes)
     runnable = _runnable_backends(backends, notes)
 
-    measurements: list[Measurement] = []
     show_progress = sys.stderr.isatty() if progress is None else progress
     with contextlib.ExitStack() as stack:
         folder = (
@@ -474,8 +463,6 @@ def compare_latency(
             else Path(stack.enter_context(tempfile.TemporaryDirectory()))
         )
         stack.enter_context(_benchmark_threads(num_threads))
-        from tqdm.auto import tqdm
-
         bar = stack.enter_context(
             tqdm(
                 total=len(runnable) * len(batch_sizes) * rounds,
@@ -485,23 +472,10 @@ def compare_latency(
                 leave=False,
             )
         )
-        ort_models = _OrtModels(folder, num_threads)
-        for backend in list(runnable):
-            for batch_size in batch_sizes:
-                batch_inputs = inputs_for(batch_size)
-                runners = _make_runners(
-                    backend, models, batch_inputs, batch_sizes, ort_models, folder, notes
-                )
-                if baseline not in runners:
-                    # Without the baseline there are no ratios: drop the backend entirely.
-                    notes.append(f"{backend}: baseline {baseline!r} could not run; backend skipped")
-                    runnable.remove(backend)
-                    measurements = [m for m in measurements if m.backend != backend]
-                    break
-                bar.set_description(f"bench {backend} bs={batch_size}")
-                measurements += _measure(
-                    backend, batch_size, runners, baseline, rounds, warmup, min_time, bar
-                )
+        plan = _Rounds(rounds, warmup, min_time, bar)
+        measurements = _measure_all(
+            models, inputs_for, batch_sizes, runnable, plan, _OrtModels(folder, num_threads), notes
+        )
     return BenchReport(
         baseline=baseline,
         models=infos,
@@ -515,6 +489,59 @@ def compare_latency(
         environment=_environment(num_threads),
         notes=notes,
     )
+
+
+@dataclass
+class _Rounds:
+    """How each (backend, batch size) is timed."""
+
+    rounds: int
+    warmup: int
+    min_time: float
+    bar: Any
+
+
+def _measure_all(
+    models: Mapping[str, nn.Module],
+    inputs_for: Callable[[int], Any],
+    batch_sizes: list[int],
+    runnable: list[str],
+    plan: _Rounds,
+    ort_models: _OrtModels,
+    notes: list[str],
+) -> list[Measurement]:
+    """Every backend and batch size; a backend whose baseline cannot run is dropped from
+    ``runnable`` (no ratios without it)."""
+    baseline = next(iter(models))
+    measurements: list[Measurement] = []
+    for backend in list(runnable):
+        for batch_size in batch_sizes:
+            runners = _make_runners(
+                backend,
+                models,
+                inputs_for(batch_size),
+                batch_sizes,
+                ort_models,
+                ort_models.folder,
+                notes,
+            )
+            if baseline not in runners:
+                notes.append(f"{backend}: baseline {baseline!r} could not run; backend skipped")
+                runnable.remove(backend)
+                measurements = [m for m in measurements if m.backend != backend]
+                break
+            plan.bar.set_description(f"bench {backend} bs={batch_size}")
+            measurements += _measure(
+                backend,
+                batch_size,
+                runners,
+                baseline,
+                plan.rounds,
+                plan.warmup,
+                plan.min_time,
+                plan.bar,
+            )
+    return measurements
 
 
 def _check_arguments(
@@ -587,17 +614,14 @@ def _model_infos(
     macs: Mapping[str, int] | None,
     notes: list[str],
 ) -> list[ModelInfo]:
-    counter = None if macs is not None else _find_count_macs()
-    if macs is None and counter is None:
-        notes.append("MACs unknown (no count_macs in this fxprune and none passed); params shown")
     infos = []
     for name, model in models.items():
         count = None
         if macs is not None:
             count = macs.get(name)
-        elif counter is not None:
+        else:
             try:
-                count = int(counter(model, inputs))
+                count = int(count_macs(model, inputs))
             except Exception as exc:  # a counter failure must not lose the latency numbers
                 notes.append(f"count_macs failed on {name!r}: {type(exc).__name__}: {exc}")
         infos.append(
@@ -612,8 +636,6 @@ def _model_infos(
 
 
 def _runnable_backends(backends: Sequence[str], notes: list[str]) -> list[str]:
-    from fxprune.export.tensorrt import available_runtimes, gpu_available
-
     runnable = []
     for backend in dict.fromkeys(backends):
         if backend in GPU_BACKENDS and not gpu_available():
@@ -674,8 +696,6 @@ def _trt_runner(
     ort_models: _OrtModels,
     folder: Path,
 ) -> _Runner:
-    from fxprune.export.onnx import named_tensor_inputs
-    from fxprune.export.tensorrt import TrtEngineRunner, build_engine
 
     onnx_path = ort_models.export(name, model, inputs)
     engine_path = onnx_path.with_suffix(".engine")

@@ -1,0 +1,77 @@
+"""Graph boundaries and values that carry no channels of their own.
+
+Model inputs are untracked (their channels are the user's data); anything reaching
+the model output is frozen; a parameter used as a tensor (layer scale, position
+embedding, class token) carries channels along its last dim; python numbers, sizes
+and guards carry none. These are the foundation's own kinds (``OpKind``): the specs
+here give them their rules, and list the calls that only ever compute numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fxprune import meta
+from fxprune.channels import Layout
+from fxprune.ops import CanonicalOp, OpKind, canonicalize
+from fxprune.passes.channel_rules.base import ChannelEnv, nested_nodes, op_spec
+
+logger = logging.getLogger(__name__)
+
+
+@op_spec(OpKind.PLACEHOLDER.value)
+def placeholder(op: CanonicalOp, env: ChannelEnv):
+    # Model inputs are untracked: their channels are the user's data and never pruned.
+    return env.untracked(op.node)
+
+
+@op_spec(
+    OpKind.SCALAR.value,
+    ops=(
+        "size",
+        "dim",
+        "numel",
+        "getattr",
+        "len",
+        "sym_size",
+        "_guards_fn",
+        "_assert_scalar",
+        "sym_constrain_range_for_size",
+        "scalar_tensor",
+    ),
+)
+def scalar(op: CanonicalOp, env: ChannelEnv):
+    return None
+
+
+@op_spec(OpKind.PARAM.value)
+def param(op: CanonicalOp, env: ChannelEnv):
+    """A parameter used as a tensor (layer scale, position embedding, class token).
+
+    Its last dim carries channels; dims a weight-reading op binds itself are left to it.
+    """
+    shape = env.shape(op.node)
+    dtype = meta.dtype_of(op.node)
+    if shape is None or not shape or dtype is None or not dtype.is_floating_point:
+        return env.untracked(op.node)  # integer buffers (position ids, masks) carry no channels
+    users = [canonicalize(u, env.gm) for u in op.node.users]
+    if users and all(op.node.target in u.params.values() for u in users):
+        return env.untracked(op.node)  # read as a weight (conv, linear, norm, embedding)
+    if shape[-1] == 1:
+        return env.untracked(op.node)
+    if env.head_mode == "heads" and env.is_buffer(op.node.target):
+        # A per-dim buffer shared by all heads (rotary frequencies): whole heads never remove
+        # its dims, and tracking it would tie every head together.
+        return env.untracked(op.node)
+    atoms = env.param_dim(op.node.target, len(shape) - 1, shape[-1])
+    return Layout.along(atoms, len(shape) - 1, len(shape))
+
+
+@op_spec(OpKind.OUTPUT.value)
+def output(op: CanonicalOp, env: ChannelEnv):
+    for n in nested_nodes(op.node.args):
+        lay = env.layouts.get(n)
+        for one in lay if isinstance(lay, list) else [lay]:
+            if isinstance(one, Layout):
+                env.freeze_layout(one, "reaches the model output")
+    return None

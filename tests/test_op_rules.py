@@ -1,0 +1,309 @@
+"""One row per op: the channel relation its rule must produce, seen through ``fxprune.analyze``.
+
+Adding a rule starts here: write the row (a tiny net around the op and what its channels
+must do), watch it fail, then write the rule. Every net names its layers the same way: ``a``
+(and ``b``) produce channels, ``op`` is the op under test when it is a module, ``c``
+consumes the channels. A row states, with ``"param:dim"`` names:
+
+- ``together``: these dims are in one prunable group (exact unless listed in ``inexact``);
+- ``apart``: these dims are in pairwise different groups;
+- ``frozen``: the group of this dim is not prunable, and its reason contains the text;
+- ``inexact``: the group of this dim is prunable but removing channels changes the output;
+- ``maps``: the index map of members of ``together[0]``'s group (``-1``: another group's);
+- ``size``, ``structure``: the number of channels and the structure of that group;
+- ``gap``: a relation the rule does not find yet: the row fails (strict xfail) until it does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxprune
+
+IMAGE = (1, 3, 4, 4)
+TOKENS = (1, 5, 6)
+
+
+class Net(nn.Module):
+    """Named layers, a forward function ``fn(net, x)`` and the example input's shape."""
+
+    def __init__(
+        self,
+        fn: Callable[[Net, Any], Any],
+        shape: tuple[int, ...] = IMAGE,
+        ints: int | None = None,
+        **layers: nn.Module | nn.Parameter,
+    ) -> None:
+        super().__init__()
+        for name, layer in layers.items():
+            setattr(self, name, layer)
+        self.fn, self.shape, self.ints = fn, shape, ints
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+    def example(self) -> torch.Tensor:
+        if self.ints is not None:  # token ids
+            return torch.randint(0, self.ints, self.shape)
+        return torch.randn(*self.shape)
+
+
+def conv(i: int, o: int, k: int = 1, **kw: Any) -> nn.Conv2d:
+    return nn.Conv2d(i, o, k, padding=k // 2, **kw)
+
+
+def lin(i: int, o: int) -> nn.Linear:
+    return nn.Linear(i, o)
+
+
+def _around(op, a: nn.Module, c: nn.Module, shape, **layers) -> Net:
+    if isinstance(op, nn.Module):
+        return Net(lambda m, x: m.c(m.op(m.a(x))), shape, a=a, op=op, c=c, **layers)
+    return Net(lambda m, x: m.c(op(m.a(x))), shape, a=a, c=c, **layers)
+
+
+def img(op, a: nn.Module | None = None, c: nn.Module | None = None) -> Net:
+    """x (1, 3, 4, 4) -> a (conv 3 -> 8) -> op (a module, or a function) -> c (conv 8 -> 4)."""
+    return _around(op, a or conv(3, 8), c or conv(8, 4), IMAGE)
+
+
+def tok(op, a: nn.Module | None = None, c: nn.Module | None = None) -> Net:
+    """x (1, 5, 6) tokens -> a (linear 6 -> 8) -> op -> c (linear 8 -> 2)."""
+    return _around(op, a or lin(6, 8), c or lin(8, 2), TOKENS)
+
+
+@dataclass
+class Row:
+    id: str
+    model: Net
+    together: tuple[str, ...] = ()
+    apart: tuple[str, ...] = ()
+    frozen: dict[str, str] = field(default_factory=dict)
+    inexact: dict[str, str] = field(default_factory=dict)
+    maps: dict[str, list[int]] = field(default_factory=dict)
+    size: int | None = None
+    structure: str | None = None
+    gap: str = ""  # a known gap of the rule: the row fails until the rule does what it states
+
+
+def r(n: int, start: int = 0) -> list[int]:
+    return list(range(start, start + n))
+
+
+def each(n: int, k: int) -> list[int]:
+    """Channel j covers k consecutive positions: [0]*k + [1]*k + ..."""
+    return [j for j in range(n) for _ in range(k)]
+
+
+def heads(y, n: int = 2):
+    """(B, T, C) -> (B, n, T, C // n)."""
+    b, t, c = y.shape
+    return y.view(b, t, n, c // n).transpose(1, 2)
+
+
+def merge(y):
+    """(B, n, T, d) -> (B, T, n * d)."""
+    b, n, t, d = y.shape
+    return y.transpose(1, 2).reshape(b, t, n * d)
+
+
+def sdpa(m: Net, x):
+    q, k, v = heads(m.q(x)), heads(m.k(x)), heads(m.v(x))
+    return m.o(merge(F.scaled_dot_product_attention(q, k, v)))
+
+
+def mha(m: Net, x):
+    y, _ = m.op(x, x, x, need_weights=False)
+    return m.c(y)
+
+
+def chunk_two(m: Net, x):
+    u, v = m.a(x).chunk(2, dim=1)
+    return m.p(u) + m.q(v)
+
+
+def squeeze_excite(m: Net, x):
+    y = m.a(x)
+    return m.c(y * torch.sigmoid(m.b(y.mean((2, 3), keepdim=True))))
+
+
+def two(join, c: nn.Module | None = None, b: int = 8) -> Net:
+    """x -> a (conv 3 -> 8), b (conv 3 -> b) -> join(a(x), b(x)) -> c."""
+    return Net(
+        lambda m, x: m.c(join(m.a(x), m.b(x))), a=conv(3, 8), b=conv(3, b), c=c or conv(8, 4)
+    )
+
+
+A_C = ("a.weight:0", "a.bias:0", "c.weight:1")  # a's output rows and the columns of c reading them
+OUTPUT = "reaches the model output"
+NONZERO = "non-zero when pruned"
+SEQ = (1, 5, 8)
+
+ROWS = [
+    # -- weights: producers and consumers of channels ----------------------------------------------
+    # conv: output rows are channels, the next conv's input columns read them
+    Row("conv", img(conv(8, 6), c=conv(6, 4)), together=(*A_C[:2], "op.weight:1"), apart=("a.weight:0", "op.weight:0")),
+    # what reaches the model output, and the model input's channels, are never pruned
+    Row("output", img(nn.Identity()), frozen={"c.weight:0": OUTPUT}),
+    Row("input", img(nn.Identity()), frozen={"a.weight:1": "untracked"}),
+    Row("linear", tok(lin(8, 6), c=lin(6, 2)), together=(*A_C[:2], "op.weight:1"), apart=("a.weight:0", "op.weight:0")),
+    # grouped conv: the same in-group position is kept in every group, on both sides
+    Row("grouped_conv_in", img(conv(8, 8, 3, groups=2)), together=("a.weight:0", "op.weight:1"), size=4, maps={"a.weight:0": r(4) * 2, "op.weight:1": r(4)}),
+    Row("grouped_conv_out", img(conv(8, 8, 3, groups=2)), together=("op.weight:0", "op.bias:0", "c.weight:1"), size=4, structure="grouped"),
+    # depthwise conv: each output channel is its input channel
+    Row("depthwise_conv", img(conv(8, 8, 3, groups=8)), together=(*A_C, "op.weight:0", "op.bias:0"), size=8),
+    # transposed conv: weight dim 0 reads channels, dim 1 makes them
+    Row("conv_transpose_in", img(nn.ConvTranspose2d(8, 6, 2, stride=2), c=conv(6, 2)), together=("a.weight:0", "op.weight:0"), apart=("a.weight:0", "op.weight:1")),
+    Row("conv_transpose_out", img(nn.ConvTranspose2d(8, 6, 2, stride=2), c=conv(6, 2)), together=("op.weight:1", "op.bias:0", "c.weight:1")),
+    # embedding: the embedding dim is a source of channels
+    Row("embedding", Net(lambda m, x: m.c(m.e(x)), (1, 5), 10, e=nn.Embedding(10, 8), c=lin(8, 2)), together=("e.weight:1", "c.weight:1"), size=8),
+    # -- normalisation -------------------------------------------------------------------------------
+    # batch / instance norm: per-channel statistics join the channel, exactly
+    Row("batchnorm", img(nn.BatchNorm2d(8)), together=(*A_C, "op.weight:0", "op.bias:0", "op.running_mean:0", "op.running_var:0")),
+    Row("instancenorm", img(nn.InstanceNorm2d(8, affine=True)), together=(*A_C, "op.weight:0", "op.bias:0")),
+    # layer norm over channels: joins, but the statistics change when a channel goes
+    Row("layernorm", tok(nn.LayerNorm(8)), together=(*A_C, "op.weight:0", "op.bias:0"), inexact={"a.weight:0": "layer_norm"}),
+    # group norm: one position per group goes together, and the statistics change
+    Row("groupnorm", img(nn.GroupNorm(2, 8)), together=(*A_C, "op.weight:0"), size=4, inexact={"a.weight:0": "GroupNorm"}),
+    # -- elementwise -----------------------------------------------------------------------------------
+    # residual add / sub: both branches hold the same channels
+    Row("add", two(torch.add), together=(*A_C, "b.weight:0")),
+    Row("sub", two(lambda u, v: u - v), together=(*A_C, "b.weight:0")),
+    # gating: channel j of one operand multiplies channel j of the other
+    Row("mul_gate", two(lambda u, v: u * torch.sigmoid(v)), together=(*A_C, "b.weight:0")),
+    # squeeze-excite: a per-sample scale from the pooled channels joins them
+    Row("mul_broadcast", Net(squeeze_excite, a=conv(3, 8), b=conv(8, 8), c=conv(8, 4)), together=(*A_C, "b.weight:0", "b.weight:1")),
+    # layer scale: a parameter with one value per channel joins the channel
+    Row("layer_scale", Net(lambda m, x: m.c(m.g * m.a(x)), TOKENS, a=lin(6, 8), g=nn.Parameter(torch.ones(8)), c=lin(8, 2)), together=(*A_C, "g:0")),
+    # activations pass channels through; relu, gelu and dropout keep pruned (zero) channels zero
+    Row("relu", img(F.relu), together=A_C),
+    Row("gelu_dropout", img(nn.Sequential(nn.GELU(), nn.Dropout(0.1))), together=A_C),
+    Row("prelu", img(nn.PReLU(8)), together=(*A_C, "op.weight:0")),
+    Row("mul_scalar", img(lambda y: y * 2), together=A_C),
+    # a pruned channel that turns non-zero (sigmoid(0) = 0.5, 0 + 1) is still read by c: inexact
+    Row("sigmoid", img(torch.sigmoid), together=A_C, inexact={"a.weight:0": NONZERO}),
+    Row("add_scalar", img(lambda y: y + 1), together=A_C, inexact={"a.weight:0": NONZERO}),
+    # -- joining, cutting, moving channels -------------------------------------------------------------
+    # concat along channels: each producer keeps its own group, at its offset in c
+    Row("cat", two(lambda u, v: torch.cat([u, v], 1), conv(12, 2), b=4), together=("a.weight:0",), apart=("a.weight:0", "b.weight:0"), maps={"c.weight:1": r(8) + [-1] * 4}),
+    # concat along a spatial dim: the same channels side by side, so the two producers join
+    Row("cat_spatial", two(lambda u, v: torch.cat([u, v], 2)), together=(*A_C, "b.weight:0"), gap="cat rectifies along the cat dim and freezes the channels"),
+    # chunk / split / slice along channels: each piece keeps its slice of one group
+    Row("chunk", Net(chunk_two, a=conv(3, 8), p=conv(4, 2), q=conv(4, 2)), together=("a.weight:0", "p.weight:1", "q.weight:1"), maps={"p.weight:1": r(4), "q.weight:1": r(4, 4)}),
+    Row("split", img(lambda y: y.split([2, 6], 1)[1], c=conv(6, 4)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": r(6, 2)}),
+    Row("slice", img(lambda y: y[:, 4:], c=conv(4, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": r(4, 4)}),
+    # a fixed index along channels needs that channel: frozen
+    Row("select", img(lambda y: y[:, 0:1] + y[:, 0, None], c=conv(1, 2)), frozen={"a.weight:0": "fixed index"}),
+    Row("select_fn", img(lambda y: torch.select(y, 1, 0)[:, None], c=conv(1, 2)), frozen={"a.weight:0": "fixed index"}),
+    Row("unbind", img(lambda y: y.unbind(1)[0][:, None], c=conv(1, 2)), frozen={"a.weight:0": "unbind"}),
+    # flatten C x H x W into features: each channel owns its H*W consecutive features
+    Row("flatten", img(lambda y: torch.flatten(y, 1), c=lin(128, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": each(8, 16)}),
+    Row("view_flatten", img(lambda y: y.view(y.shape[0], -1), c=lin(128, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": each(8, 16)}),
+    Row("reshape_literal", img(lambda y: y.reshape(1, 128), c=lin(128, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": each(8, 16)}),
+    Row("nn_flatten", img(nn.Flatten(), c=lin(128, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": each(8, 16)}),
+    # hard-coded view into (2, 4): position j is kept in both rows
+    Row("view_split_channels", img(lambda y: y.view(1, 2, 4, 4, 4).relu().view(1, 8, 4, 4)), together=A_C, size=4, maps={"a.weight:0": r(4) * 2}),
+    # permute / transpose move the channel dim; the relation follows it
+    Row("permute", img(lambda y: y.permute(0, 2, 3, 1), c=lin(8, 2)), together=A_C),
+    Row("transpose", tok(lambda y: y.transpose(1, 2), c=nn.Conv1d(8, 2, 1)), together=A_C),
+    # channel shuffle (view, transpose, view): followed position by position
+    Row("channel_shuffle", img(lambda y: y.view(1, 2, 4, 4, 4).transpose(1, 2).reshape(1, 8, 4, 4)), together=A_C, size=4, maps={"c.weight:1": each(4, 2)}),
+    # pixel (un)shuffle: r^2 = 4 input channels make one output channel, and back
+    Row("pixel_shuffle", img(nn.PixelShuffle(2), a=conv(3, 16), c=conv(4, 2)), together=A_C, size=4, maps={"a.weight:0": each(4, 4), "c.weight:1": r(4)}),
+    Row("pixel_unshuffle", img(nn.PixelUnshuffle(2), a=conv(3, 4), c=conv(16, 2)), together=A_C, size=4, maps={"c.weight:1": each(4, 4)}),
+    # repeat along channels: both copies are the same channel
+    Row("repeat", img(lambda y: y.repeat(1, 2, 1, 1), c=conv(16, 2)), together=A_C, maps={"c.weight:1": r(8) * 2}),
+    # -- spatial ops and reductions --------------------------------------------------------------------
+    # pooling, resizing and zero padding over spatial dims keep channels where they are
+    Row("max_pool", img(nn.MaxPool2d(2)), together=A_C),
+    Row("avg_pool", img(lambda y: F.avg_pool2d(y, 2)), together=A_C),
+    Row("adaptive_pool", img(nn.AdaptiveAvgPool2d(1)), together=A_C),
+    Row("interpolate", img(lambda y: F.interpolate(y, scale_factor=2)), together=A_C),
+    Row("pad_spatial", img(lambda y: F.pad(y, (1, 1, 1, 1))), together=A_C),
+    # pooling over the dim that carries channels mixes them: frozen
+    Row("pool_channels", tok(lambda y: F.max_pool1d(y, 2), c=lin(4, 2)), frozen={"a.weight:0": "pools over a dim that carries channels"}),
+    # padding with ones makes pruned channels non-zero where padded; padding channels freezes them
+    Row("pad_ones", img(lambda y: F.pad(y, (1, 1), value=1.0)), together=A_C, inexact={"a.weight:0": NONZERO}),
+    Row("pad_channels", img(lambda y: F.pad(y, (0, 0, 0, 0, 1, 1)), c=conv(10, 4)), frozen={"a.weight:0": "padding along a channel dim"}),
+    # mean over spatial dims keeps the channels; over channels it mixes them
+    Row("mean_spatial", img(lambda y: y.mean((2, 3)), c=lin(8, 2)), together=A_C),
+    Row("mean_channels", img(lambda y: y.mean(1, keepdim=True), c=conv(1, 4)), together=("a.weight:0",), inexact={"a.weight:0": "'mean' over channels"}),
+    # a sum over channels of zero channels is unchanged by removing them
+    Row("sum_channels", img(lambda y: y.sum(1, keepdim=True), c=conv(1, 4)), together=("a.weight:0", "a.bias:0")),
+    # softmax over channels mixes them; over another dim it keeps them, but 0 becomes 1/n
+    Row("softmax_channels", img(lambda y: y.softmax(1)), together=A_C, inexact={"a.weight:0": "softmax over channels"}),
+    Row("softmax_spatial", img(lambda y: y.softmax(-1)), together=A_C, inexact={"a.weight:0": NONZERO}),
+    # -- attention and contractions --------------------------------------------------------------------
+    # a @ b^T contracts the channel dim: the two producers must keep the same channels
+    Row("matmul", Net(lambda m, x: m.a(x) @ m.b(x).transpose(1, 2), TOKENS, a=lin(6, 8), b=lin(6, 8)), together=("a.weight:0", "b.weight:0")),
+    Row("einsum", Net(lambda m, x: torch.einsum("btc,bsc->bts", m.a(x), m.b(x)), TOKENS, a=lin(6, 8), b=lin(6, 8)), together=("a.weight:0", "b.weight:0")),
+    # scaled_dot_product_attention: q and k share head dims, v goes to the output projection
+    Row("sdpa_qk", Net(sdpa, TOKENS, q=lin(6, 8), k=lin(6, 8), v=lin(6, 8), o=lin(8, 2)), together=("q.weight:0", "k.weight:0"), apart=("q.weight:0", "v.weight:0"), size=4, structure="head_dim", maps={"q.weight:0": r(4) * 2}),
+    Row("sdpa_v", Net(sdpa, TOKENS, q=lin(6, 8), k=lin(6, 8), v=lin(6, 8), o=lin(8, 2)), together=("v.weight:0", "o.weight:1"), size=4, maps={"o.weight:1": r(4) * 2}),
+    # nn.MultiheadAttention: packed q | k | v rows; q and k go together, v with out_proj's columns
+    Row("mha_qk", Net(mha, SEQ, op=nn.MultiheadAttention(8, 2, batch_first=True), c=lin(8, 2)), together=("op.in_proj_weight:0",), size=4, maps={"op.in_proj_weight:0": r(4) * 4 + [-1] * 8}),
+    Row("mha_out", Net(mha, SEQ, op=nn.MultiheadAttention(8, 2, batch_first=True), c=lin(8, 2)), together=("op.out_proj.weight:0", "op.out_proj.bias:0", "c.weight:1")),
+    # -- the default --------------------------------------------------------------------------------------
+    # an op without a rule freezes every channel it touches, and says which op
+    Row("no_rule", img(lambda y: torch.cumsum(y, 1)), frozen={"a.weight:0": "cumsum"}),
+]  # fmt: skip
+
+
+def group(a, name: str):
+    param, dim = name.rsplit(":", 1)
+    g = a.group_of(param, int(dim))
+    assert g is not None, f"no group holds {name}; groups:\n{a.table()}"
+    return g
+
+
+def index_map(g, name: str) -> list[int]:
+    param, dim = name.rsplit(":", 1)
+    m = g.member(param, int(dim))
+    assert m is not None, f"{name} is not a member of group {g.id}: {g.members}"
+    return m.index_map.tolist()
+
+
+PARAMS = [
+    pytest.param(
+        row, id=row.id, marks=[pytest.mark.xfail(strict=True, reason=row.gap)] if row.gap else []
+    )
+    for row in ROWS
+]
+
+
+@pytest.mark.parametrize("row", PARAMS)
+def test_op_rule(row: Row):
+    a = fxprune.analyze(row.model.eval(), row.model.example(), frontend="fx")
+    if row.together:
+        first = group(a, row.together[0])
+        for name in row.together:
+            g = group(a, name)
+            assert g.id == first.id, f"{name} is not with {row.together[0]}:\n{a.table()}"
+        assert first.prunable, f"{row.together[0]} frozen: {first.reason}"
+        assert first.exact == (row.together[0] not in row.inexact), first.inexact_reason
+        if row.size is not None:
+            assert first.size == row.size
+        if row.structure is not None:
+            assert first.structure == row.structure
+        for name, want in row.maps.items():
+            assert index_map(first, name) == want, name
+    ids = [group(a, name).id for name in row.apart]
+    assert len(set(ids)) == len(ids), f"{row.apart} share a group:\n{a.table()}"
+    for name, reason in row.frozen.items():
+        g = group(a, name)
+        assert not g.prunable and reason in g.reason, f"{name}: {g.describe()}"
+    for name, reason in row.inexact.items():
+        g = group(a, name)
+        assert g.prunable and not g.exact and reason in g.inexact_reason, g.describe()
+
+
+def test_every_row_asserts_something():
+    for row in ROWS:
+        assert row.together or row.frozen or row.inexact, row.id
