@@ -29,6 +29,25 @@ logger = logging.getLogger(__name__)
 NO_ATOM = -1
 
 
+def unique(a: np.ndarray) -> np.ndarray:
+    """Sorted distinct values of a 1-D int array. np.unique's hashing is slow on the small
+    arrays the analysis handles by the thousand; a sort is not."""
+    if len(a) < 2:
+        return a.copy()
+    s = np.sort(a)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))]
+
+
+def unique_in_order(a: np.ndarray) -> np.ndarray:
+    """Distinct values of a 1-D int array, in order of first appearance."""
+    if len(a) < 2:
+        return a.copy()
+    idx = np.argsort(a, kind="stable")
+    s = a[idx]
+    first = idx[np.concatenate(([True], s[1:] != s[:-1]))]
+    return a[np.sort(first)]
+
+
 class AtomTable:
     """Union-find over atoms, with a freeze reason and an inexactness reason per class."""
 
@@ -48,6 +67,10 @@ class AtomTable:
         self._parent[start:need] = np.arange(start, need)
         self.size = need
         return np.arange(start, need, dtype=np.int64)
+
+    def roots(self) -> np.ndarray:
+        """Class id of every atom, indexable by atom (``roots()[atoms]``): one find for all."""
+        return self.find(np.arange(self.size, dtype=np.int64))
 
     def find(self, atoms: Any) -> np.ndarray:
         """Class id (root atom) of each atom; ``-1`` stays ``-1``."""

@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from fxprune import meta
 from fxprune.artifacts import CHANNELS, GROUPS
-from fxprune.channels import AtomTable, Layout, Member, PruneGroup
+from fxprune.channels import AtomTable, Layout, Member, PruneGroup, unique, unique_in_order
 from fxprune.pass_infra import Pass, PassContext, PassResult
 from fxprune.passes.channel_rules import ChannelEnv
 
@@ -31,7 +31,8 @@ class BuildGroupsPass(Pass):
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         env: ChannelEnv = ctx[CHANNELS]
         table = env.table
-        dims = {key: table.find(atoms) for key, atoms in env.param_atoms.items()}
+        roots = table.roots()
+        dims = {key: _classes(roots, atoms) for key, atoms in env.param_atoms.items()}
         # Second-level union-find over channel classes: a source dim's channels form a group.
         merged = AtomTable()
         merged.new(table.size)
@@ -54,11 +55,10 @@ class BuildGroupsPass(Pass):
             cand = valid[class_gid[valid] < 0]
             if not len(cand):
                 continue
-            _, first = np.unique(cand, return_index=True)
-            order = cand[np.sort(first)]  # first-appearance order within this dim
-            roots = merged.find(order)
-            for root in np.unique(roots):
-                sel = order[roots == root]
+            order = unique_in_order(cand)  # first-appearance order within this dim
+            merged_roots = merged.find(order)
+            for root in unique(merged_roots):
+                sel = order[merged_roots == root]
                 gid = root_gid.get(int(root))
                 if gid is None:
                     gid = root_gid[int(root)] = len(groups)
@@ -73,7 +73,7 @@ class BuildGroupsPass(Pass):
         for key, classes in dims.items():
             valid = classes >= 0
             gids = np.where(valid, class_gid[np.where(valid, classes, 0)], -1)
-            for gid in np.unique(gids[gids >= 0]):
+            for gid in unique(gids[gids >= 0]):
                 index_map = np.where(gids == gid, class_idx[np.where(valid, classes, 0)], -1)
                 groups[int(gid)].members.append(Member(key[0], key[1], torch.from_numpy(index_map)))
         param_names = {n for n, _ in gm.named_parameters(remove_duplicate=False)}
@@ -92,7 +92,7 @@ class BuildGroupsPass(Pass):
                 g.units = max(1, min(per))
             elif src is not None and g.size:
                 g.units = max(1, src.size // g.size)
-        self._annotate_nodes(gm, env, class_gid, groups)
+        self._annotate_nodes(gm, roots, class_gid, groups)
         ctx[GROUPS] = groups
         return PassResult(gm, False)
 
@@ -119,16 +119,23 @@ class BuildGroupsPass(Pass):
             break
 
     @staticmethod
-    def _annotate_nodes(gm: fx.GraphModule, env: ChannelEnv, class_gid: np.ndarray, groups) -> None:
+    def _annotate_nodes(
+        gm: fx.GraphModule, roots: np.ndarray, class_gid: np.ndarray, groups
+    ) -> None:
         for node in gm.graph.nodes:
             lay = meta.get(node, meta.LAYOUT)
             if not isinstance(lay, Layout):
                 meta.put(node, meta.GROUP, None)
                 continue
-            classes = np.unique(env.table.find(lay.atoms))
-            classes = classes[classes >= 0]
-            found = np.unique(class_gid[classes])
+            atoms = np.asarray(lay.atoms).ravel()
+            found = unique(class_gid[roots[atoms[atoms >= 0]]])
             gids = found[found >= 0].tolist()
             meta.put(node, meta.GROUP, gids or None)
             for gid in gids:
                 groups[gid].nodes.append(node.name)
+
+
+def _classes(roots: np.ndarray, atoms: np.ndarray) -> np.ndarray:
+    """The class of each atom (``-1`` stays ``-1``), from the table's precomputed roots."""
+    atoms = np.asarray(atoms, dtype=np.int64)
+    return np.where(atoms >= 0, roots[np.maximum(atoms, 0)], -1)

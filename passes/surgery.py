@@ -43,14 +43,17 @@ class ChannelPlan:
         for g in groups:
             if g.id in selection:
                 self.state[g.classes] = selection[g.id].numpy()
+        # State of every atom, through its class: the analysis is final, so one find serves
+        # every lookup of the plan.
+        self._atom_state = self.state[env.table.roots()]
 
     def positions(self, atoms: np.ndarray) -> np.ndarray:
-        """State of each position of a 1-D atom array (untracked positions are kept)."""
-        classes = self.env.table.find(atoms)
-        return np.where(classes >= 0, self.state[np.maximum(classes, 0)], KEEP)
+        """State of each position of an atom array (untracked positions are kept)."""
+        atoms = np.asarray(atoms, dtype=np.int64)
+        return np.where(atoms >= 0, self._atom_state[np.maximum(atoms, 0)], KEEP)
 
     def line(self, lay: Layout, dim: int, size: int) -> np.ndarray:
-        a = self.env.table.find(lay.atoms)
+        a = lay.atoms
         if a.shape[dim] == 1:
             return np.full(size, KEEP, dtype=np.int8)
         other = tuple(0 if d != dim else slice(None) for d in range(a.ndim))
@@ -94,7 +97,7 @@ def slice_tensor(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor
             shape = [1] * out.dim()
             shape[d] = len(idx)
             out = out * (~pad).view(shape).to(out.dtype)
-    return out.clone()
+    return out if dims else out.clone()  # index_select already made a new tensor
 
 
 class SurgeryPass(Pass):
