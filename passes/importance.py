@@ -12,6 +12,7 @@ geometric median of the source filters), ``random``; any callable
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -31,12 +32,19 @@ CRITERIA = IMPORTANCE_CRITERIA
 
 
 def _slice_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
-    """sum(|x|^p) of every slice along ``dim``: one reduction, no transposed copy."""
+    """sum(|x|^p) of every slice along ``dim``.
+
+    Seen as [outer, dim, inner], it sums the outer rows, then the inner columns: two
+    reductions over contiguous memory. A reduction over the non-contiguous dims at once
+    (vector_norm over (0, 2, 3) of a conv weight) is many times slower.
+    """
     x = t.detach().float()
+    powered = x.square() if p == 2.0 else x.abs().pow(p)
     if x.dim() == 1:
-        return x.abs().pow(p)
-    others = tuple(d for d in range(x.dim()) if d != dim)
-    return torch.linalg.vector_norm(x, ord=p, dim=others).pow(p)
+        return powered
+    size = x.shape[dim]
+    outer = math.prod(x.shape[:dim])
+    return powered.reshape(outer, -1).sum(0).reshape(size, -1).sum(1)
 
 
 def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> torch.Tensor:
