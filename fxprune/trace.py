@@ -453,10 +453,10 @@ def _on_meta_module(mod: nn.Module) -> nn.Module:
 
 
 def _on_meta(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    args = pytree.tree_map_only(torch.device, lambda _: _META, args)
-    kwargs = pytree.tree_map_only(torch.device, lambda _: _META, kwargs)
-    if isinstance(kwargs.get("device"), str):
+    if "device" in kwargs:
         kwargs = {**kwargs, "device": _META}
+    if any(isinstance(a, torch.device) for a in args):  # aten.to.device(x, device, ...)
+        args = tuple(_META if isinstance(a, torch.device) else a for a in args)
     return args, kwargs
 
 
