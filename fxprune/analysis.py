@@ -83,10 +83,14 @@ class IgnoreSpec:
     channels. What the module reads is pruned with its producer.
     ``frozen``: modules and parameters *every* channel of which stays, read or produced
     (``freeze_inputs=``, and parameter names given to ``ignore=``).
+    ``exact_only``: every channel whose removal is inexact stays (``exact_only=True``): a
+    transformer's residual stream, which LayerNorm / RMSNorm normalise, so that only heads
+    and FFN widths are pruned and the oracle proves the result.
     """
 
     outputs: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
+    exact_only: bool = False
 
 
 def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") -> tuple[str, ...]:
@@ -166,11 +170,13 @@ def ignore_spec(
     ignore: Any = None,
     freeze_inputs: Any = None,
     ignored_layers: Any = None,
+    exact_only: bool = False,
 ) -> IgnoreSpec:
     """Resolve ``ignore=`` (or ``ignored_layers=``) and ``freeze_inputs=`` against ``model``.
 
     Modules given to ``ignore=`` keep their output channels; parameters given to it, and
-    everything given to ``freeze_inputs=``, keep all their channels (see :class:`IgnoreSpec`).
+    everything given to ``freeze_inputs=``, keep all their channels; ``exact_only`` keeps
+    every channel whose removal is inexact (see :class:`IgnoreSpec`).
     """
     value, argument = ignore_alias(ignore, ignored_layers)
     given = ignored_prefixes(model, value, argument)
@@ -188,6 +194,7 @@ def ignore_spec(
     return IgnoreSpec(
         outputs=tuple(n for n in given if n not in tensors),
         frozen=tuple(n for n in given if n in tensors) + frozen,
+        exact_only=bool(exact_only),
     )
 
 
@@ -201,7 +208,10 @@ def analysis_passes(ignored: IgnoreSpec | None = None, head_mode: str = "auto") 
         raise PruneError(f"head_mode must be one of {HEAD_MODES}, got {head_mode!r}.")
     ignored = ignored or IgnoreSpec()
     propagate = PropagateChannelsPass(
-        head_mode=head_mode, keep_outputs=ignored.outputs, freeze=ignored.frozen
+        head_mode=head_mode,
+        keep_outputs=ignored.outputs,
+        freeze=ignored.frozen,
+        exact_only=ignored.exact_only,
     )
     return [propagate, BuildGroupsPass()]
 
@@ -227,6 +237,7 @@ def analyze(
     *,
     freeze_inputs: Iterable[Any] | None = None,
     ignored_layers: Iterable[Any] | None = None,
+    exact_only: bool = False,
     **trace_kwargs: Any,
 ) -> ChannelAnalysis:
     """Trace ``model`` and return its prune groups (the model is not modified).
@@ -235,6 +246,8 @@ def analyze(
     they read stays prunable), or parameters all of whose channels must stay.
     ``freeze_inputs``: modules or parameters every channel of which must stay, the ones
     they read included.
+    ``exact_only``: keep every channel whose removal is inexact (the residual stream of a
+    transformer, normalised by LayerNorm): only exact groups (heads, FFN widths) are prunable.
     ``head_mode``: how a split of channels into (heads, head_dim) is kept dense —
     ``"heads"`` prunes whole heads, ``"head_dim"`` the same dims in every head,
     ``"auto"`` keeps the finer of the two.
@@ -248,10 +261,11 @@ def analyze(
             example_inputs=example_inputs,
             frontend=frontend,
             head_mode=head_mode,
+            exact_only=exact_only,
             **trace_kwargs,
         )
     )
-    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     gm = trace(model, example_inputs, frontend=frontend, **trace_kwargs)
     groups, env, _ = run_analysis(gm, ignored, head_mode)
     return ChannelAnalysis(gm, groups, env, gm.meta.get("fxprune.frontend", frontend))

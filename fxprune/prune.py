@@ -8,7 +8,9 @@ object become the pruned module once pruning has succeeded.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -98,6 +100,7 @@ def prune(
     ratios: Mapping[Any, float] | None = None,
     freeze_inputs: Iterable[Any] | None = None,
     ignored_layers: Iterable[Any] | None = None,
+    exact_only: bool = False,
     max_ratio: float = 0.9,
     min_channels: int = 1,
     head_mode: str | None = None,
@@ -124,6 +127,9 @@ def prune(
     pruned with the layers producing them), or parameter names, all of whose channels stay.
     ``freeze_inputs``: modules or parameters every channel of which stays, the ones they
     read included (``freeze_inputs=[model.fc]`` also keeps fc's in_features).
+    ``exact_only``: keep every group whose removal is inexact: the residual stream
+    (embedding dim) of a transformer, which LayerNorm normalises, stays whole and only heads
+    and FFN widths are pruned (``ignore=[model.patch_embed]`` keeps one model's stream too).
     ``verify``: run the correctness oracle (raises on a mismatch).
 
     ``model`` is left untouched, unless ``inplace=True``: then, once pruning has
@@ -135,7 +141,7 @@ def prune(
     # locals() here is exactly the arguments: all of them are checked before any copy or trace.
     validate.prune_arguments(locals())
     validate.eval_mode_for_export(model, frontend, verify)
-    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     overrides = _override_names(model, ratios)
     work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
     gm = trace(
@@ -311,7 +317,8 @@ def _prune_graph(
         name="prune",
     )
     ctx = PassContext(example_inputs)
-    pipeline.run(gm, ctx)
+    with _gc_paused():
+        pipeline.run(gm, ctx)
     groups, selection = ctx[GROUPS], ctx[SELECTION]
     verification = ctx.get(VERIFICATION)
     report = PruneReport(
@@ -340,6 +347,23 @@ def _prune_graph(
         ExampleInputs.of(example_inputs),
         graph_plan=GraphPlan(ctx[PLAN], ctx[LAYOUTS]),
     )
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Python's cycle collector off for one pipeline run, as it was after.
+
+    A traced graph is hundreds of thousands of objects; the collector's full passes over
+    them while a pipeline allocates cost a tenth of an iterative step. What the run
+    leaves behind is collected as usual afterwards.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 class ReplaySelectionPass(Pass):
@@ -521,6 +545,7 @@ class Pruner:
             self.options.pop("ignore"),
             self.options.pop("freeze_inputs", None),
             self.options.pop("ignored_layers", None),
+            self.options.pop("exact_only", False),
         )
         self.ratios = _override_names(model, self.options.pop("ratios"))
         leaf_modules = tuple(self.options.pop("leaf_modules"))

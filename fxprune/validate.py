@@ -225,6 +225,7 @@ def prune_arguments(args: Mapping[str, Any], *, gradients_given: bool = False) -
             "'round' rounds kept channels down, 'pad' pads with zero channels up to the multiple",
         ),
         "global_ranking": lambda v: boolean("global_ranking", v),
+        "exact_only": lambda v: boolean("exact_only", v),
         "target_macs": lambda v: _check_optional(
             number_in,
             "target_macs",

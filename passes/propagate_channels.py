@@ -47,10 +47,12 @@ class PropagateChannelsPass(Pass):
         head_mode: str = "auto",
         keep_outputs: tuple[str, ...] = (),
         freeze: tuple[str, ...] = (),
+        exact_only: bool = False,
     ) -> None:
         self.head_mode = head_mode
         self.keep_outputs = tuple(keep_outputs)  # module prefixes: their output channels stay
         self.freeze = tuple(freeze)  # module or parameter prefixes: every channel stays
+        self.exact_only = exact_only  # channels whose removal is inexact stay
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         env = ChannelEnv(gm, head_mode=self.head_mode, param_alias=param_aliases(gm))
@@ -83,7 +85,12 @@ class PropagateChannelsPass(Pass):
         the source of no dim carries channels it reads and passes on (norm affine and
         statistics, biases, depthwise rows tied to their input, PReLU), all of them kept.
         Dims that only read (a linear's input columns) stay prunable with their producer.
+        With ``exact_only``, every channel whose removal is inexact stays too (a
+        transformer's residual stream, normalised by LayerNorm), with the reason.
         """
+        if self.exact_only:
+            for cls, why in list(env.table.inexact.items()):
+                env.table.freeze([cls], f"kept by exact_only=True: {why}")
         names: dict[str, list[str]] = {}  # canonical parameter -> every name it has
         for alias, first in env.param_alias.items():
             names.setdefault(first, [first]).append(alias)

@@ -134,6 +134,11 @@ def squeeze_excite(m: Net, x):
     return m.c(y * torch.sigmoid(m.b(y.mean((2, 3), keepdim=True))))
 
 
+def cat_token(m: Net, x):
+    y = m.a(x)
+    return m.c(torch.cat([m.cls.expand(y.shape[0], -1, -1), y], 1))
+
+
 def two(join, c: nn.Module | None = None, b: int = 8) -> Net:
     """x -> a (conv 3 -> 8), b (conv 3 -> b) -> join(a(x), b(x)) -> c."""
     return Net(
@@ -182,6 +187,10 @@ ROWS = [
     Row("mul_broadcast", Net(squeeze_excite, a=conv(3, 8), b=conv(8, 8), c=conv(8, 4)), together=(*A_C, "b.weight:0", "b.weight:1")),
     # layer scale: a parameter with one value per channel joins the channel
     Row("layer_scale", Net(lambda m, x: m.c(m.g * m.a(x)), TOKENS, a=lin(6, 8), g=nn.Parameter(torch.ones(8)), c=lin(8, 2)), together=(*A_C, "g:0")),
+    # a (C, 1, 1) layer scale on an image (ConvNeXt): its one long dim holds the channels
+    Row("layer_scale_chw", Net(lambda m, x: m.c(m.g * m.a(x)), a=conv(3, 8), g=nn.Parameter(torch.ones(8, 1, 1)), c=conv(8, 4)), together=(*A_C, "g:0")),
+    # a position embedding added to tokens: its last dim joins the channels
+    Row("add_param", Net(lambda m, x: m.c(m.a(x) + m.pos), TOKENS, a=lin(6, 8), pos=nn.Parameter(torch.randn(1, 5, 8)), c=lin(8, 2)), together=(*A_C, "pos:2")),
     # activations pass channels through; relu, gelu and dropout keep pruned (zero) channels zero
     Row("relu", img(F.relu), together=A_C),
     Row("gelu_dropout", img(nn.Sequential(nn.GELU(), nn.Dropout(0.1))), together=A_C),
@@ -194,7 +203,11 @@ ROWS = [
     # concat along channels: each producer keeps its own group, at its offset in c
     Row("cat", two(lambda u, v: torch.cat([u, v], 1), conv(12, 2), b=4), together=("a.weight:0",), apart=("a.weight:0", "b.weight:0"), maps={"c.weight:1": r(8) + [-1] * 4}),
     # concat along a spatial dim: the same channels side by side, so the two producers join
-    Row("cat_spatial", two(lambda u, v: torch.cat([u, v], 2)), together=(*A_C, "b.weight:0"), gap="cat rectifies along the cat dim and freezes the channels"),
+    Row("cat_spatial", two(lambda u, v: torch.cat([u, v], 2)), together=(*A_C, "b.weight:0"), structure="channels"),
+    # a class token (a parameter) before the tokens: it holds the same channels, even when
+    # there are more tokens than channels; a computed (untracked) token freezes them
+    Row("cat_token", Net(cat_token, (1, 20, 6), a=lin(6, 8), cls=nn.Parameter(torch.randn(1, 1, 8)), c=lin(8, 2)), together=(*A_C, "cls:2"), structure="channels"),
+    Row("cat_untracked", Net(lambda m, x: m.c(torch.cat([x.new_zeros(1, 1, 8), m.a(x)], 1)), TOKENS, a=lin(6, 8), c=lin(8, 2)), frozen={"a.weight:0": "untracked"}),
     # chunk / split / slice along channels: each piece keeps its slice of one group
     Row("chunk", Net(chunk_two, a=conv(3, 8), p=conv(4, 2), q=conv(4, 2)), together=("a.weight:0", "p.weight:1", "q.weight:1"), maps={"p.weight:1": r(4), "q.weight:1": r(4, 4)}),
     Row("split", img(lambda y: y.split([2, 6], 1)[1], c=conv(6, 4)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": r(6, 2)}),

@@ -149,9 +149,9 @@ def test_oracle_on_torchvision_subset(name, align):
                 p.uniform_(0.5, 1.5)
     x = torch.randn(1, 3, 96, 96)
     res = fxprune.prune(model, x, ratio=0.5, round_to=8, align=align)
-    # All exact: BatchNorm is per channel; convnext_tiny's LayerNorm'd residual widths stay
-    # frozen (its layer scale is an untracked tensor), only the MLP widths are pruned.
-    exact = True
+    # All exact (BatchNorm is per channel) but convnext_tiny: its stage residual streams,
+    # layer scales included, are pruned, and LayerNorm over them makes them inexact.
+    exact = name != "convnext_tiny"
     assert ("masked original" in res.report.verified) is exact, res.report.verified
     assert_oracle(model, res, x, exact=exact)
     assert res.report.macs_ratio > 1.3, res.report.macs_ratio

@@ -48,7 +48,9 @@ def scalar(op: CanonicalOp, env: ChannelEnv):
 def param(op: CanonicalOp, env: ChannelEnv):
     """A parameter used as a tensor (layer scale, position embedding, class token).
 
-    Its last dim carries channels; dims a weight-reading op binds itself are left to it.
+    Its only dim longer than 1 carries channels (a ``(C, 1, 1)`` layer scale), or, when it
+    has several, its last dim (``(1, tokens, C)`` position embeddings); dims a
+    weight-reading op binds itself are left to it.
     """
     shape = env.shape(op.node)
     dtype = meta.dtype_of(op.node)
@@ -57,14 +59,16 @@ def param(op: CanonicalOp, env: ChannelEnv):
     users = [canonicalize(u, env.gm) for u in op.node.users]
     if users and all(op.node.target in u.params.values() for u in users):
         return env.untracked(op.node)  # read as a weight (conv, linear, norm, embedding)
-    if shape[-1] == 1:
+    long = [d for d, n in enumerate(shape) if n > 1]
+    dim = long[0] if len(long) == 1 else len(shape) - 1
+    if shape[dim] == 1:
         return env.untracked(op.node)
     if env.head_mode == "heads" and env.is_buffer(op.node.target):
         # A per-dim buffer shared by all heads (rotary frequencies): whole heads never remove
         # its dims, and tracking it would tie every head together.
         return env.untracked(op.node)
-    atoms = env.param_dim(op.node.target, len(shape) - 1, shape[-1])
-    return Layout.along(atoms, len(shape) - 1, len(shape))
+    atoms = env.param_dim(op.node.target, dim, shape[dim])
+    return Layout.along(atoms, dim, len(shape))
 
 
 @op_spec(OpKind.OUTPUT.value)

@@ -30,6 +30,7 @@ from fxprune.ops import (
     param_shape,
 )
 from fxprune.passes.channel_rules.base import ChannelEnv, SurgeryEnv, default_rule, op_spec
+from fxprune.tensors import get_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,8 @@ def _conv_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
     groups = int(op.attrs.groups or 1)
     x = op.inputs[0]
     old, new = s.old_shape(x), s.new_shape(x)
-    w = s.gm.get_parameter(op.attrs.weight.fqn) if isinstance(op.attrs.weight, ParamRef) else None
+    # The weight may be a buffer (timm's BlurPool2d filter) as well as a parameter.
+    w = get_tensor(s.gm, op.attrs.weight.fqn) if isinstance(op.attrs.weight, ParamRef) else None
     if groups == 1 or old is None or new is None or w is None:
         return
     cdim = len(old) - (w.dim() - 1)

@@ -185,7 +185,8 @@ def norm(op: CanonicalOp, env: ChannelEnv):
             ref = getattr(a, role)
             if isinstance(ref, ParamRef):
                 env.param_dim(ref.fqn, 0, shape[cdim], bind=xa)
-        return Layout(lay.atoms, lay.zero and (affine or kind == "batch"))
+        zero = _bind_computed(env, op, xa, (shape[cdim],))
+        return Layout(lay.atoms, lay.zero and zero and (affine or kind == "batch"))
     # layer / rms norm over the trailing normalized_ndim dims
     k = int(a.normalized_ndim or 1)
     nd = len(shape)
@@ -201,4 +202,24 @@ def norm(op: CanonicalOp, env: ChannelEnv):
             else:
                 bind = np.full(shape[d], -1, dtype=np.int64)
             env.param_dim(ref.fqn, j, shape[d], bind=bind)
-    return Layout(lay.atoms, lay.zero and affine)
+    zero = _bind_computed(env, op, lay.atoms[(0,) * (nd - k)], shape[nd - k :])
+    return Layout(lay.atoms, lay.zero and zero and affine)
+
+
+def _bind_computed(env: ChannelEnv, op: CanonicalOp, atoms: np.ndarray, shape) -> bool:
+    """Relate a computed weight or bias (ScaledStdConv2d's ``gain * scale``) to the channels
+    it scales or shifts, position by position, as an element-wise op does.
+
+    Returns whether pruned channels still read zero after it (a computed bias may not).
+    """
+    zero = True
+    for role in ("weight", "bias"):
+        ref = getattr(op.attrs, role)
+        lay = env.layout(ref)
+        if lay is None or env.shape(ref) is None:
+            continue
+        if lay.is_tracked() and (env.canonical(atoms) < 0).any():
+            env.freeze_layout(lay, f"a computed {role} of '{op.name}' on channels not tracked")
+        env.unify([(Layout(atoms), tuple(shape)), (lay, env.shape(ref))], tuple(shape))
+        zero = zero and (role == "weight" or lay.zero)
+    return zero

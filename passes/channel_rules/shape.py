@@ -13,6 +13,7 @@ bounds, an ``nn.Unflatten``'s sizes) follow the kept channels.
 from __future__ import annotations
 
 import logging
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,11 +24,12 @@ from torch import nn
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout, compress
-from fxprune.ops import Attrs, CanonicalOp, normalize_dim
+from fxprune.ops import Attrs, CanonicalOp, callable_name, normalize_dim
 from fxprune.passes.channel_rules.base import (
     ChannelEnv,
     SurgeryEnv,
     default_rule,
+    nested_nodes,
     op_spec,
     reshape_atoms,
 )
@@ -93,15 +95,19 @@ def cat(op: CanonicalOp, env: ChannelEnv):
     parts = [(env.layout(n), env.shape(n)) for n in op.inputs]
     if any(lay is None or s is None or len(s) != len(out_shape) for lay, s in parts):
         return default_rule(op, env)
-    vary = sorted(
-        {
-            d
-            for lay, _ in parts
-            for d in range(len(out_shape))
-            if env.canonical(lay.atoms).shape[d] > 1
-        }
-        | {dim}
-    )
+    chans = {
+        d
+        for lay, _ in parts
+        for d in range(len(out_shape))
+        if env.canonical(lay.atoms).shape[d] > 1
+    }
+    if len(chans) == 1 and dim not in chans:
+        # Tokens joined along another dim (a class token before the patches): each part holds
+        # the same channels, position by position, and an untracked part freezes them.
+        flat = [1 if d == dim else n for d, n in enumerate(out_shape)]
+        items = [(lay, flat) for lay, _ in parts]
+        return Layout(env.unify(items, flat), all(lay.zero for lay, _ in parts))
+    vary = sorted(chans | {dim})
     arrays = [_full_along(env.canonical(lay.atoms), s, vary) for lay, s in parts]
     atoms = np.concatenate(arrays, axis=dim)
     atoms = env.rectify(atoms, out_shape)
@@ -364,8 +370,7 @@ def _sizes_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
     old, new = s.old_shape(node), s.new_shape(node)
     if old is None or new is None:
         return
-    if tuple(old) != tuple(new):
-        _rewrite_sizes(op, old, new)
+    _rewrite_sizes(op, old, new, s)
     if node.op == "call_module" and op.name == "unflatten":
         x = node.args[0] if node.args else None
         in_old = s.old_shape(x) if isinstance(x, fx.Node) else None
@@ -375,26 +380,85 @@ def _sizes_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
             mod.unflattened_size = tuple(new[dim : dim + len(mod.unflattened_size)])
 
 
-def _rewrite_sizes(op: CanonicalOp, old: tuple, new: tuple) -> None:
+def _shape_of(node: Any) -> fx.Node | None:
+    """``x`` when ``node`` is ``x.shape`` or ``x.size()``."""
+    if not isinstance(node, fx.Node):
+        return None
+    if node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",):
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return None if node.kwargs else node.args[0]
+    return None
+
+
+def _size_reads(node: Any, seen: set[fx.Node]) -> set[tuple[fx.Node, int | None]]:
+    """The (tensor, dim) shape entries a size computed in the graph reads.
+
+    ``C // heads`` with ``B, N, C = x.shape`` reads ``(x, 2)``; ``None`` for the dim means
+    the whole shape. A value read from a tensor's data (``x.item()``) is not a size.
+    """
+    if not isinstance(node, fx.Node) or node in seen or meta.is_tensor_node(node):
+        return set()
+    seen.add(node)
+    src = _shape_of(node)
+    if src is not None:
+        return {(src, None)}
+    args = node.args
+    if node.target is operator.getitem and len(args) == 2 and isinstance(args[1], int):
+        src = _shape_of(args[0])
+        if src is not None:
+            return {(src, args[1])}
+    if node.target == "size" or callable_name(node.target) == "sym_size":
+        dim = args[1] if len(args) > 1 else node.kwargs.get("dim")
+        if isinstance(args[0], fx.Node) and isinstance(dim, int):
+            return {(args[0], dim)}
+    reads: set[tuple[fx.Node, int | None]] = set()
+    for inp in nested_nodes(args) + nested_nodes(node.kwargs):
+        reads |= _size_reads(inp, seen)
+    return reads
+
+
+def _size_moves(size: Any, s: SurgeryEnv) -> bool:
+    """Whether a size computed in the graph reads a dim that surgery shrinks."""
+    for src, dim in _size_reads(size, set()):
+        old, new = s.old_shape(src), s.new_shape(src)
+        if old is None or not isinstance(new, tuple) or len(new) != len(old):
+            continue
+        if tuple(old) != tuple(new) if dim is None else old[dim] != new[dim]:
+            return True
+    return False
+
+
+def _rewrite_sizes(op: CanonicalOp, old: tuple, new: tuple, surgery: SurgeryEnv) -> None:
+    """Write each size whose planned value differs from the value the graph will compute.
+
+    A size read from another tensor's shape (``qkv(x).reshape(B, N, 3, h, C // h)`` with
+    ``C`` from ``x``) changes when that tensor's channels are pruned, whether or not this
+    tensor's are: it becomes the planned literal. Sizes that nothing pruned reads (the
+    batch) stay computed, so the graph keeps its dynamic dims.
+    """
     node = op.node
     found = _size_args(node, op.name)
     if found is None:
         return
     pos, sizes = found
+
+    def keep(size: Any, o: int, n: int) -> bool:
+        if isinstance(size, int) and size == -1:
+            return True
+        return o == n and not (isinstance(size, fx.Node) and _size_moves(size, surgery))
+
     if op.name == "unflatten":
         dim = normalize_dim(int(node.args[1]), len(meta.shape_of(op.inputs[0])))
         span = range(dim, dim + len(sizes))
-        sizes = [
-            s if (isinstance(s, int) and s == -1) or old[d] == new[d] else new[d]
-            for s, d in zip(sizes, span)
-        ]
+        written = [s if keep(s, old[d], new[d]) else new[d] for s, d in zip(sizes, span)]
     elif len(sizes) == len(old):
-        sizes = [
-            s if (isinstance(s, int) and s == -1) or o == n else n
-            for s, o, n in zip(sizes, old, new)
-        ]
+        written = [s if keep(s, o, n) else n for s, o, n in zip(sizes, old, new)]
     else:
         return
+    if written == sizes:
+        return
+    sizes = written
     args = list(node.args)
     if pos == -1:
         node.args = (args[0], *sizes)
