@@ -12,6 +12,7 @@ import logging
 
 from fxprune._version import __version__
 from fxprune.analysis import ChannelAnalysis, analyze
+from fxprune.backend import CompiledGraph, FxpruneBackend, backend
 from fxprune.channels import Member, PruneGroup
 from fxprune.errors import (
     ExportError,
@@ -21,6 +22,7 @@ from fxprune.errors import (
     TraceError,
     VerificationError,
 )
+from fxprune.masks import AppliedMasks, ChannelMasks, apply_masks, mask_channels, remove_masks
 from fxprune.oracle import VerificationReport, verify
 from fxprune.pass_infra import (
     DumpGraphs,
@@ -32,6 +34,7 @@ from fxprune.pass_infra import (
     TimePasses,
 )
 from fxprune.prune import Pruner, PruneResult, prune
+from fxprune.recipes import RecipeError, run_recipe
 from fxprune.report import PruneReport, count_macs, count_params
 from fxprune.saving import load, save
 from fxprune.sparsify import SparsifyResult, sparsify
@@ -53,9 +56,13 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "AppliedMasks",
     "ChannelAnalysis",
+    "ChannelMasks",
+    "CompiledGraph",
     "DumpGraphs",
     "ExportError",
+    "FxpruneBackend",
     "FxpruneError",
     "Member",
     "Pass",
@@ -69,6 +76,7 @@ __all__ = [
     "PruneReport",
     "PruneResult",
     "Pruner",
+    "RecipeError",
     "SparsifyResult",
     "TimePasses",
     "TraceError",
@@ -76,10 +84,15 @@ __all__ = [
     "VerificationReport",
     "__version__",
     "analyze",
+    "apply_masks",
+    "backend",
     "count_macs",
     "count_params",
     "load",
+    "mask_channels",
     "prune",
+    "remove_masks",
+    "run_recipe",
     "save",
     "sparsify",
     "trace",

@@ -138,3 +138,14 @@ PERMUTATIONS_SKIPPED = Artifact(
 ALL = (CHANNELS, GROUPS, SCORES, SELECTION, SELECTION_NOTES, PLAN, LAYOUTS, KEPT, ORIGINAL)
 ALL += (VERIFICATION, REFERENCE_OUTPUTS, OUTPUT_ERROR)
 ALL += (NM_LAYERS, NM_ORIGINAL_WEIGHTS, NM_MASKS, PERMUTATIONS, PERMUTATIONS_SKIPPED)
+
+DEAD_CHANNELS = Artifact(
+    "dead_channels", dict, "DeadChannelPass", "{group id: int}: provably dead channels dropped"
+)
+SEMI_STRUCTURED = Artifact(
+    "semi_structured",
+    dict,
+    "SemiStructuredPass",
+    "{param: str}: 2:4 weights converted to semi-structured sparse tensors, or why not",
+)
+ALL += (DEAD_CHANNELS, SEMI_STRUCTURED)

@@ -42,6 +42,7 @@ from fxprune.files import (
 )
 from fxprune.models import load_model, parse_shape
 from fxprune.pass_infra import Instrument
+from fxprune.recipes import load_recipe, recipe_source, run_recipe
 from fxprune.saving import KEPT, kept_bytes, result_files
 
 logger = logging.getLogger(__name__)
@@ -237,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     _out_args(p, "fxprune-bench", "folder for report.json and speedup.png")
 
     p = sub.add_parser(
+        "run", help="run a recipe: a TOML file of steps (prune, export.onnx, bench, ...)"
+    )
+    p.add_argument("recipe", help="the recipe file (see examples/*.toml)")
+    _out_args(p, "fxprune-recipe", "result folder: every step's files")
+
+    p = sub.add_parser(
         "demo", help="the main job on ResNet-50: prune, verify, export, build, measure"
     )
     p.add_argument(
@@ -355,7 +362,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _load(args: argparse.Namespace, progress: _Progress):
-
     shape = parse_shape(getattr(args, "input_shape", None))
     progress.step(f"loading {args.model}")
     return load_model(
@@ -398,7 +404,6 @@ def _unchanged(out: str) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace, progress: _Progress) -> int:
-
     model, inputs = _load(args, progress)
     progress.step("tracing and analysing channels")
     analysis = fxprune.analyze(model, inputs, frontend=args.frontend)
@@ -410,7 +415,6 @@ def cmd_inspect(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def _do_prune(args: argparse.Namespace, model, inputs, progress: _Progress):
-
     progress.step("tracing")
     return fxprune.prune(
         model,
@@ -450,7 +454,6 @@ def cmd_prune(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_sparsify(args: argparse.Namespace, progress: _Progress) -> int:
-
     check_output_folder(args.out, args.force)
     model, inputs = _load(args, progress)
     progress.step(f"sparsifying ({args.pattern}, permutation search)")
@@ -472,7 +475,6 @@ def cmd_sparsify(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_export(args: argparse.Namespace, progress: _Progress) -> int:
-
     check_output_file(args.out, args.force, "--out", ".onnx")
     if args.engine:
         check_output_file(args.engine, args.force, "--engine", ".engine")
@@ -493,7 +495,6 @@ def cmd_export(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, progress: _Progress) -> int:
-
     check_output_folder(args.out, args.force)
     model, inputs = _load(args, progress)
     res = _do_prune(args, model, inputs, progress)
@@ -551,7 +552,6 @@ def cmd_demo(args: argparse.Namespace, progress: _Progress) -> int:
 
 
 def _demo_steps(args: argparse.Namespace, out: Path, work: Path) -> str:
-
     model, inputs = load_model(args.model)
     print(f"[1/5] pruning {args.model} (random init) at ratio 0.5, round_to=8 ...", flush=True)
     t0 = time.perf_counter()
@@ -612,6 +612,20 @@ def _demo_steps(args: argparse.Namespace, out: Path, work: Path) -> str:
     )
 
 
+def cmd_run(args: argparse.Namespace, progress: _Progress) -> int:
+    recipe = load_recipe(args.recipe)  # every mistake reported before anything is loaded
+    check_output_folder(args.out, args.force)
+    progress.stop()  # each step prints its own line
+    _run.kept = _unchanged(args.out)
+    res = run_recipe(recipe_source(recipe), args.out, force=args.force, echo=print)
+    _run.kept = f"the recipe result in {args.out} is complete"
+    print(
+        f"wrote {res.out}/: "
+        + ", ".join(sorted(p.name for p in res.out.iterdir() if p.name[0] != "."))
+    )
+    return 0
+
+
 COMMANDS = {
     "inspect": cmd_inspect,
     "prune": cmd_prune,
@@ -619,6 +633,7 @@ COMMANDS = {
     "export": cmd_export,
     "bench": cmd_bench,
     "demo": cmd_demo,
+    "run": cmd_run,
 }
 
 

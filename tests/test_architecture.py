@@ -26,6 +26,9 @@ PIPELINES = {
     "fxprune.sparsify",
     "fxprune.saving",
     "fxprune.models",
+    "fxprune.backend",
+    "fxprune.masks",
+    "fxprune.recipes",
 }
 COMPOSITION = {"fxprune", "fxprune.cli"}
 

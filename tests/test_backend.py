@@ -1,0 +1,238 @@
+"""The torch.compile backend, the lossless dead-channel pass and the mask workflow."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import torch
+import torchvision
+from micro_models import randomize
+from torch import nn
+
+import fxprune
+from fxprune.artifacts import DEAD_CHANNELS, GROUPS
+from fxprune.backend import eliminate_dead_channels
+from fxprune.pass_infra import PassContext
+from fxprune.trace import trace
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compiled(model, be, *inputs):
+    with torch.no_grad():
+        return torch.compile(model, backend=be)(*inputs)
+
+
+class Recorder:
+    """A `then` backend that keeps every graph fxprune hands over (and runs it eagerly)."""
+
+    def __init__(self) -> None:
+        self.graphs: list[torch.fx.GraphModule] = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+    def macs(self) -> int:
+        return sum(fxprune.count_macs(gm) for gm in self.graphs)
+
+
+class ConvBNNet(nn.Module):
+    def __init__(self, breaks: bool = False) -> None:
+        super().__init__()
+        self.breaks = breaks
+        self.c1, self.b1 = nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c3, self.b3 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.relu(self.b2(self.c2(x)))
+        if self.breaks:
+            torch._dynamo.graph_break()
+        x = torch.relu(self.b3(self.c3(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def _kill(conv: nn.Conv2d, bn: nn.BatchNorm2d, channels: list[int]) -> None:
+    """Zero the filters and the BN affine of ``channels`` (what a mask leaves)."""
+    with torch.no_grad():
+        conv.weight[channels] = 0
+        bn.weight[channels] = 0
+        bn.bias[channels] = 0
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_backend_output_equals_eager_on_torchvision(name):
+    model = randomize(getattr(torchvision.models, name)().eval())
+    x = torch.randn(1, 3, 64, 64)
+    be = fxprune.backend(then="eager")
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(_compiled(model, be, x), ref, rtol=0, atol=1e-5)
+    assert [g.mode for g in be.compiled] == ["inference"]
+
+
+def test_graph_break_outputs_are_frozen_and_outputs_equal():
+    model = randomize(ConvBNNet(breaks=True).eval())
+    _kill(model.c2, model.b2, [0, 1, 2])  # dead, but they cross the graph break
+    _kill(model.c3, model.b3, [4, 5])  # dead inside the second graph
+    x = torch.randn(1, 3, 16, 16)
+    rec = Recorder()
+    be = fxprune.backend(then=rec)
+    with torch.no_grad():
+        ref = model(x)
+    torch.testing.assert_close(_compiled(model, be, x), ref, rtol=0, atol=1e-5)
+    assert [g.mode for g in be.compiled] == ["inference", "inference"]
+    assert [g.dead_channels for g in be.compiled] == [0, 2]
+    first = rec.graphs[0]
+    assert fxprune.count_macs(first) == be.compiled[0].macs_before  # nothing cut before the break
+
+
+def test_graph_break_reason_is_recorded():
+    gm = trace(ConvBNNet().eval(), torch.randn(1, 3, 8, 8))
+    ctx = PassContext(torch.randn(1, 3, 8, 8))
+    eliminate_dead_channels().run(gm, ctx)
+    assert ctx[DEAD_CHANNELS] == {}
+    reasons = {g.reason for g in ctx[GROUPS] if not g.prunable}
+    assert any("graph break" in r for r in reasons)
+
+
+def test_masked_model_compiles_to_fewer_macs_with_the_same_output():
+    model = randomize(torchvision.models.resnet18().eval())
+    x = torch.randn(1, 3, 64, 64)
+    plain = Recorder()
+    _compiled(model, fxprune.backend(then=plain), x)
+    torch._dynamo.reset()
+    masks = fxprune.mask_channels(model, x, ratio=0.5)
+    assert masks.masks
+    with torch.no_grad():
+        ref = model(x)
+    rec = Recorder()
+    be = fxprune.backend(then=rec)
+    torch.testing.assert_close(_compiled(model, be, x), ref, rtol=0, atol=1e-5)
+    assert rec.macs() < 0.4 * plain.macs()
+    assert be.compiled[0].macs_after == rec.macs()
+
+
+def test_recompile_on_a_new_batch_size_reruns_the_passes():
+    model = randomize(ConvBNNet().eval())
+    _kill(model.c1, model.b1, [0, 3])
+    be = fxprune.backend(then="eager")
+    compiled = torch.compile(model, backend=be)
+    with torch.no_grad():
+        for batch in (1, 3, 5):
+            x = torch.randn(batch, 3, 16, 16)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+    assert len(be.compiled) >= 2
+    assert all(g.mode == "inference" and g.dead_channels == 2 for g in be.compiled)
+
+
+def test_weights_changed_in_place_rerun_the_passes():
+    model = randomize(ConvBNNet().eval())
+    be = fxprune.backend(then="eager")
+    compiled = torch.compile(model, backend=be)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        compiled(x)
+        _kill(model.c1, model.b1, [1])
+        torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=1e-5)
+    assert [g.dead_channels for g in be.compiled] == [0, 1]
+
+
+def test_training_mode_keeps_shapes_and_says_so_once(caplog):
+    model = randomize(ConvBNNet()).train()
+    _kill(model.c1, model.b1, [0])
+    shapes = {n: p.shape for n, p in model.named_parameters()}
+    be = fxprune.backend(then="eager")
+    compiled = torch.compile(model, backend=be)
+    with caplog.at_level(logging.INFO, logger="fxprune.backend"):
+        for _ in range(2):
+            out = compiled(torch.randn(2, 3, 16, 16))
+            out.sum().backward()
+    assert out.shape == (2, 10)
+    assert {n: p.shape for n, p in model.named_parameters()} == shapes
+    assert model.c1.weight.grad is not None
+    assert {g.mode for g in be.compiled} == {"training"}
+    assert sum("grad mode is on" in r.message for r in caplog.records) == 1
+
+
+def test_unhandled_graph_falls_through_with_one_warning(caplog):
+    model = randomize(ConvBNNet(breaks=True)).train()  # BN updates its buffers: no folding
+    be = fxprune.backend(then="eager")
+    x = torch.randn(2, 3, 16, 16)
+    with caplog.at_level(logging.WARNING, logger="fxprune.backend"):
+        out = _compiled(model, be, x)
+    assert out.shape == (2, 10)
+    assert [g.mode for g in be.compiled] == ["unchanged", "unchanged"]
+    assert "batch_norm" in be.compiled[0].reason or "writes" in be.compiled[0].reason
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+def test_dead_channel_needs_the_batch_norm_to_map_zero_to_zero():
+    model = randomize(ConvBNNet().eval())
+    with torch.no_grad():
+        model.c1.weight[[0, 1]] = 0  # zero filters, no bias
+        model.b1.bias[0] = 0.0
+        model.b1.running_mean[0] = 0.0  # BN(0) = 0 at channel 0 ...
+        model.b1.bias[1] = 0.5  # ... but 0.5 at channel 1: a constant, not dead
+    x = torch.randn(2, 3, 16, 16)
+    res = fxprune.apply_masks(model, x)
+    assert res.dead_channels == 1
+    assert res.kept["c1.weight"][0].tolist() == list(range(1, 16))
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_mask_channels_keeps_zeros_through_training_and_apply_masks_cuts_them():
+    model = randomize(ConvBNNet())
+    x = torch.randn(4, 3, 16, 16)
+    masks = fxprune.mask_channels(model, x, ratio=0.5)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).sum().backward()
+        opt.step()
+    zero = model.c1.weight.flatten(1).abs().sum(1) == 0
+    assert int(zero.sum()) == 8 and bool((model.b1.weight[zero] == 0).all())
+    model.eval()
+    res = fxprune.apply_masks(model, x)
+    assert res.dead_channels == sum(n for n, _ in masks.channels.values())
+    assert res.macs_after < 0.5 * res.macs_before
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+    assert isinstance(model.c1, torch.nn.utils.parametrize.type_before_parametrizations(model.c1))
+
+
+def test_soft_masks_may_revive():
+    model = randomize(ConvBNNet())
+    x = torch.randn(4, 3, 16, 16)
+    fxprune.mask_channels(model, x, ratio=0.5, soft=True)
+    assert not torch.nn.utils.parametrize.is_parametrized(model.c1)
+    zero = model.c1.weight.flatten(1).abs().sum(1) == 0
+    assert int(zero.sum()) == 8
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    (model(x).sum() + (model.c1.weight - 1).pow(2).sum()).backward()  # any gradient revives
+    opt.step()
+    assert bool((model.c1.weight[zero] != 0).all())
+
+
+def test_inductor_compile_of_a_masked_tiny_model():
+    model = randomize(ConvBNNet().eval())
+    x = torch.randn(1, 3, 16, 16)
+    fxprune.mask_channels(model, x, ratio=0.5)
+    be = fxprune.backend(then="inductor")
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = torch.compile(model, backend=be)(x)
+        ref = model(x)
+    elapsed = time.perf_counter() - start
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
+    assert be.compiled[0].macs_after < be.compiled[0].macs_before
+    assert elapsed < 120, f"inductor compile took {elapsed:.0f}s"
