@@ -278,6 +278,7 @@ def _prune_graph(
     instruments: Iterable[Instrument] = (),
     check: bool = False,
     prior: Callable[[list], dict[str, Any]] | None = None,
+    macs_before: int | None = None,
 ) -> PruneResult:
     """Run the prune pipeline on ``gm`` (one PassManager, so instruments see every pass).
 
@@ -286,7 +287,9 @@ def _prune_graph(
     if head_mode is None:
         head_mode = "heads" if round_to == "heads" else "auto"
     frontend = gm.meta.get("fxprune.frontend", "fx")
-    macs_before, params_before = graph_macs(gm), count_params(gm)
+    # ``macs_before``: known when the previous step of a Pruner counted this very graph.
+    macs_before = graph_macs(gm) if macs_before is None else macs_before
+    params_before = count_params(gm)
     opts = SelectionOptions(
         ratio=ratio,
         round_to=1 if round_to == "heads" else int(round_to),
@@ -591,6 +594,7 @@ class Pruner:
             ratios={name: self._override(r, k) for name, r in self.ratios.items()},
             grads=grads,
             prior=self._prior,
+            macs_before=self.history[-1].macs_after if self.history else None,
             **opts,
         )
         self.step_index = k
