@@ -38,7 +38,7 @@ from torch import nn
 
 from fxprune.analysis import analysis_passes
 from fxprune.artifacts import DEAD_CHANNELS, OUTPUT_ERROR, SEMI_STRUCTURED
-from fxprune.ops import callable_name
+from fxprune.ops import callable_name, canonicalize
 from fxprune.pass_infra import Pass, PassContext, PassManager
 from fxprune.passes.dead_channels import DeadChannelPass
 from fxprune.passes.graph_boundary import GraphBoundaryPass
@@ -50,8 +50,6 @@ from fxprune.report import graph_macs
 from fxprune.trace import propagate_shapes
 
 logger = logging.getLogger(__name__)
-
-_BN_TRAINING_ARG = 5  # F.batch_norm / torch.batch_norm: (input, 4 tensors, training, ...)
 
 
 def eliminate_dead_channels(round_to: int = 1) -> PassManager:
@@ -375,7 +373,8 @@ def mutation(gm: fx.GraphModule, lifted: set[fx.Node]) -> str | None:
             name.endswith("_") and not name.startswith("_") and first in lifted
         ) or node.target is operator.setitem:
             return f"the graph writes a weight in place ({node.format_node()})"
-        training = name == "batch_norm" and _arg(node, _BN_TRAINING_ARG, "training")
+        op = canonicalize(node, gm, cache=False)  # the weights are about to become constants
+        training = op.kind == "norm" and getattr(op.attrs, "training", False)
         if training and any(a in lifted for a in node.all_input_nodes):
             return "a batch norm in train mode updates its running statistics"
     return None

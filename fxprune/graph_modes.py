@@ -8,7 +8,7 @@ refuses ``train()`` and ``eval()``, and a pruned transformers model could not be
 
 The export frontend exports the model once more in the other mode and pairs the two graphs
 node by node (:func:`record_modes`). Where they differ only in the mode arguments of the ops
-in ``MODE_ARGUMENTS``, every such node keeps its arguments for both modes in
+in an op spec's ``mode_args``, every such node keeps its arguments for both modes in
 ``node.meta[MODE_ARGS]`` and the train-only counter increments are listed in
 ``gm.meta[COUNTERS]``; :class:`ExportedModule` switches by rewriting those arguments in
 place (no re-export; a recompile only when an argument changes). These are scalars, so they
@@ -35,6 +35,7 @@ from torch import nn
 from torch.export._unlift import _StatefulGraphModule
 
 from fxprune.errors import TraceError
+from fxprune.ops import REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -45,47 +46,10 @@ UNSWITCHABLE = "fxprune.unswitchable"  # gm.meta: {training: why the graph canno
 
 aten = torch.ops.aten
 
-
-def _ops(table: Mapping[str, tuple[str, ...]]) -> dict[Any, frozenset[str]]:
-    """``{"dropout.default": ("train",)}`` as {OpOverload: names}, skipping ops torch lacks."""
-    out = {}
-    for qualified, names in table.items():
-        packet, _, overload = qualified.partition(".")
-        op = getattr(getattr(aten, packet, None), overload, None)
-        if op is not None:
-            out[op] = frozenset(names)
-    return out
-
-
-# The arguments by which an op's train-mode call differs from its eval-mode call.
-MODE_ARGUMENTS: dict[Any, frozenset[str]] = _ops(
-    {
-        "dropout.default": ("train",),  # F.dropout / nn.Dropout
-        "dropout_.default": ("train",),  # nn.Dropout(inplace=True)
-        "feature_dropout.default": ("train",),  # Dropout1d/2d/3d
-        "feature_dropout_.default": ("train",),
-        "alpha_dropout.default": ("train",),
-        "alpha_dropout_.default": ("train",),
-        "feature_alpha_dropout.default": ("train",),
-        "feature_alpha_dropout_.default": ("train",),
-        "batch_norm.default": ("training",),  # batch statistics and running-stat updates
-        "instance_norm.default": ("use_input_stats",),  # InstanceNorm(track_running_stats)
-        "scaled_dot_product_attention.default": ("dropout_p",),  # attention dropout
-        "rrelu.default": ("training",),
-        "lstm.input": ("train",),  # dropout between recurrent layers
-        "lstm.data": ("train",),
-        "gru.input": ("train",),
-        "gru.data": ("train",),
-        "rnn_tanh.input": ("train",),
-        "rnn_tanh.data": ("train",),
-        "rnn_relu.input": ("train",),
-        "rnn_relu.data": ("train",),
-    }
-)
-
-# Ops whose result is their input's value: a mode may add one (``.contiguous()`` before
-# training-only attention code) without changing what the graph computes.
-_VALUE_IDENTITIES = frozenset(_ops({"contiguous.default": ()}))
+# The arguments by which an op's train-mode call differs from its eval-mode call, and the
+# ops whose result is their input's value, are declared with each op's spec
+# (``OpSpec.mode_args``, ``OpSpec.same_value`` in passes/channel_rules/).
+mode_arguments = REGISTRY.mode_arguments
 
 
 class ExportedModule(_StatefulGraphModule):
@@ -199,7 +163,7 @@ def record_modes(gm: fx.GraphModule, graphs: Mapping[bool, fx.GraphModule | Base
 
     ``graphs[mode]`` is the same model exported in ``mode`` (``gm`` itself for the mode it
     was traced in), or the exception its export raised. A mode whose graph differs from
-    ``gm`` beyond ``MODE_ARGUMENTS`` is recorded as unswitchable, with the reason.
+    ``gm`` beyond the ops' ``mode_args`` is recorded as unswitchable, with the reason.
     """
     for node in gm.graph.nodes:
         if _is_counter(node):
@@ -222,14 +186,14 @@ def record_modes(gm: fx.GraphModule, graphs: Mapping[bool, fx.GraphModule | Base
             continue
         counters[training] = sorted(n.args[0].target for n in other.graph.nodes if _is_counter(n))
         for mine, theirs in pairs:
-            if mine.target in MODE_ARGUMENTS:
+            if mode_arguments(mine.target):
                 values.setdefault(mine, {})[training] = _named_args(theirs)
     for node, by_mode in values.items():
         own = _named_args(node)
         names = {
             name
             for args in by_mode.values()
-            for name in MODE_ARGUMENTS[node.target]
+            for name in mode_arguments(node.target)
             if not _equal(args.get(name), own.get(name))
         }
         if names:
@@ -263,7 +227,7 @@ def _compared(gm: fx.GraphModule) -> list[fx.Node]:
         for n in gm.graph.nodes
         if n.op in ("placeholder", "output", "call_method")
         or (n.op == "call_module" and n.users)
-        or (n.op == "call_function" and n.target not in _VALUE_IDENTITIES and not _is_counter(n))
+        or (n.op == "call_function" and not REGISTRY.is_same_value(n.target) and not _is_counter(n))
     ]
 
 
@@ -271,7 +235,7 @@ def _resolve(node: Any) -> Any:
     while (
         isinstance(node, fx.Node)
         and node.op == "call_function"
-        and node.target in _VALUE_IDENTITIES
+        and REGISTRY.is_same_value(node.target)
     ):
         node = node.args[0]
     return node
@@ -306,7 +270,7 @@ def _pair(
         if a.op != b.op or a.target != b.target:
             return [], f"{_describe(b)} where the traced graph has {_describe(a)}"
         args_a, args_b = _named_args(a), _named_args(b)
-        allowed = MODE_ARGUMENTS.get(a.target, frozenset())
+        allowed = mode_arguments(a.target)
         for name in args_a.keys() | args_b.keys():
             if name not in allowed and not same(args_a.get(name), args_b.get(name)):
                 return [], (

@@ -27,7 +27,7 @@ import enum
 import logging
 import math
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -141,7 +141,10 @@ class OpSpec:
     ``functions`` (other callables). Hooks: ``view`` fills inputs and typed attrs (and
     may hand the node to another spec), ``rule(op, env)`` relates channels,
     ``rewrite(op, surgery)`` fixes graph constants and module attributes after surgery,
-    ``macs(op, gm, shape)`` counts multiply-accumulates.
+    ``macs(op, gm, shape)`` counts multiply-accumulates. Train/eval (for torch.export
+    graphs, which bake the mode in): ``mode_args`` {op name: the arguments by which its
+    train-mode call differs from its eval-mode one}; ``same_value``: op names whose result
+    always equals their input's value (a mode may add one without changing the graph).
     """
 
     kind: str
@@ -153,6 +156,8 @@ class OpSpec:
     rule: Callable[..., Any] | None = None
     rewrite: Callable[..., None] | None = None
     macs: Callable[..., int] | None = None
+    mode_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    same_value: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"OpSpec({self.kind!r})"
@@ -191,6 +196,8 @@ class OpRegistry:
         self.functions: dict[Any, OpSpec] = {}
         self.methods: dict[str, OpSpec] = {}
         self.kinds: dict[str, OpSpec] = {}
+        self.mode_args: dict[Any, frozenset[str]] = {}  # function / aten packet -> names
+        self.same_value: set[Any] = set()
         self.loaded_by: str | None = None
 
     def register(self, spec: OpSpec) -> OpSpec:
@@ -207,6 +214,11 @@ class OpRegistry:
                 self._put(self.functions, fn, spec)
         for fn in spec.functions:
             self._put(self.functions, fn, spec)
+        for name, args in spec.mode_args.items():
+            for fn in _resolve(name):
+                self.mode_args[fn] = frozenset(args)
+        for name in spec.same_value:
+            self.same_value.update(_resolve(name))
         return spec
 
     @staticmethod
@@ -239,6 +251,13 @@ class OpRegistry:
                 return spec
         return None
 
+    def mode_arguments(self, target: Any) -> frozenset[str]:
+        """The arguments by which a call of ``target`` differs between train and eval."""
+        return self.mode_args.get(_packet(target), frozenset())
+
+    def is_same_value(self, target: Any) -> bool:
+        return _packet(target) in self.same_value
+
     def for_function(self, target: Any) -> OpSpec | None:
         if isinstance(target, torch._ops.OpOverload):
             target = target.overloadpacket
@@ -246,6 +265,16 @@ class OpRegistry:
             return self.functions.get(target)
         except TypeError:  # unhashable target
             return None
+
+
+def _packet(target: Any) -> Any:
+    """An aten overload's packet (specs name packets); any other target as it is."""
+    target = target.overloadpacket if isinstance(target, torch._ops.OpOverload) else target
+    try:
+        hash(target)
+    except TypeError:
+        return None
+    return target
 
 
 REGISTRY = OpRegistry()
@@ -288,8 +317,9 @@ def _target_label(target: Any) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
-    """Classify ``node`` of ``gm`` into a :class:`CanonicalOp` (cached in ``node.meta``)."""
+def canonicalize(node: fx.Node, gm: fx.GraphModule, *, cache: bool = True) -> CanonicalOp:
+    """Classify ``node`` of ``gm`` into a :class:`CanonicalOp` (cached in ``node.meta``
+    unless ``cache=False``: for a look at a graph that is about to be rewritten)."""
     cached = meta.get(node, meta.OP)
     # A deep-copied graph shares node.meta shallowly: an op made for another node (and its
     # module) is not this one's.
@@ -301,7 +331,8 @@ def canonicalize(node: fx.Node, gm: fx.GraphModule) -> CanonicalOp:
             "before canonicalizing a graph."
         )
     op = _classify(node, gm)
-    meta.put(node, meta.OP, op)
+    if cache:
+        meta.put(node, meta.OP, op)
     return op
 
 

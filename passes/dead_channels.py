@@ -88,12 +88,9 @@ def _batch_norm_zero(gm: fx.GraphModule, op: CanonicalOp) -> torch.Tensor | None
     if any(isinstance(v, fx.Node) for v in refs.values()):
         return None  # a computed statistic or affine: nothing to prove it with
     t = {r: tensor_at(gm, v.fqn) if isinstance(v, ParamRef) else None for r, v in refs.items()}
-    if op.module is not None:
-        training = op.module.training or t["running_mean"] is None
-        eps = op.module.eps
-    else:  # F.batch_norm and torch/aten batch_norm both have training at 5 and eps at 7
-        training = bool(op.arg(5, "training", False)) or t["running_mean"] is None
-        eps = op.arg(7, "eps", 1e-5)
+    # The norm spec's view (passes/channel_rules/norm.py) reads the mode and eps.
+    training = bool(a.training) or t["running_mean"] is None
+    eps = a.eps if a.eps is not None else 1e-5
     if training:  # batch statistics of a zero channel are zero: the output is the bias
         bias = t["bias"]
         if bias is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
 import shutil
@@ -96,14 +97,19 @@ def make_recipe(target: str) -> list[str]:
     make = shutil.which("make")
     if make is None:
         pytest.skip("make is not installed")
+    # Under `make test` (CI) the parent make's MAKEFLAGS/MAKELEVEL make a nested make print
+    # "Entering directory" lines: run it as a top-level make.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
     dry = subprocess.run(
-        [make, "-n", "-o", ".venv/.fxprune-installed", target],
+        [make, "--no-print-directory", "-n", "-o", ".venv/.fxprune-installed", target],
         cwd=ROOT,
         capture_output=True,
         text=True,
+        env=env,
     )
     assert dry.returncode == 0, dry.stderr
-    return shlex.split(dry.stdout.strip().splitlines()[-1])
+    lines = [line for line in dry.stdout.strip().splitlines() if not line.startswith("make")]
+    return shlex.split(lines[-1])
 
 
 def test_readme_first_commands_are_make_targets():

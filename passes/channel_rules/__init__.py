@@ -4,7 +4,7 @@ Importing this package registers each family's op specs (targets, typed attribut
 channel rule, surgery rewrite, MACs) in :data:`fxprune.ops.REGISTRY`; ops without a
 spec use :func:`default_rule` (freeze). Families: ``boundary`` (inputs, outputs,
 parameters, scalars), ``conv_linear``, ``norm``, ``elementwise``, ``pooling``,
-``shape``, ``attention``.
+``shape``, ``attention``, ``recurrent``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from fxprune.passes.channel_rules import (  # noqa: F401  (each registers its sp
     elementwise,
     norm,
     pooling,
+    recurrent,
     shape,
 )
 from fxprune.passes.channel_rules.base import (

@@ -227,6 +227,7 @@ def _sdpa_macs(op: CanonicalOp, gm: fx.GraphModule, shape) -> int:
     view=_sdpa_view,
     rewrite=_sdpa_rewrite,
     macs=_sdpa_macs,
+    mode_args={"scaled_dot_product_attention": ("dropout_p",)},  # attention dropout
 )
 def sdpa(op: CanonicalOp, env: ChannelEnv):
     q, k, v = op.inputs[:3]

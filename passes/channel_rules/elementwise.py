@@ -46,6 +46,7 @@ class DimAttrs(Attrs):
 # channel stays zero through the op, which the correctness oracle relies on.
 _UNARY: dict[str, bool] = {
     "relu": True,
+    "rrelu": True,
     "relu_": True,
     "relu6": True,
     "gelu": True,
@@ -202,6 +203,10 @@ def _reduce_view(op: CanonicalOp) -> CanonicalOp:
         "dropout2d",
         "dropout3d",
         "native_dropout",
+        "feature_dropout",
+        "feature_dropout_",
+        "alpha_dropout_",
+        "feature_alpha_dropout_",
         "clone",
         "contiguous",
         "detach",
@@ -220,6 +225,21 @@ def _reduce_view(op: CanonicalOp) -> CanonicalOp:
     # Identity in eval mode; in training it scales whole samples, never single channels.
     functions=(torchvision.ops.stochastic_depth,),
     view=_identity_view,
+    # Dropout in a torch.export graph: train mode passes train=True (fxprune.graph_modes).
+    mode_args={
+        name: ("train",)
+        for name in (
+            "dropout",
+            "dropout_",
+            "feature_dropout",
+            "feature_dropout_",
+            "alpha_dropout",
+            "alpha_dropout_",
+            "feature_alpha_dropout",
+            "feature_alpha_dropout_",
+        )
+    },
+    same_value=("contiguous",),
 )
 def identity(op: CanonicalOp, env: ChannelEnv):
     lay = env.layout(op.inputs[0]) if op.inputs else None
@@ -229,7 +249,7 @@ def identity(op: CanonicalOp, env: ChannelEnv):
 @op_spec("elementwise", modules=(nn.PReLU,), view=_prelu_view, rewrite=_prelu_rewrite)
 @op_spec("elementwise", module_types=_ACTIVATIONS, modules=_SATURATING, view=_activation_view)
 @op_spec("elementwise", ops=_BINARY, view=_binary_view)
-@op_spec("elementwise", ops=tuple(_UNARY), view=_unary_view)
+@op_spec("elementwise", ops=tuple(_UNARY), view=_unary_view, mode_args={"rrelu": ("training",)})
 def elementwise(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if out_shape is None:

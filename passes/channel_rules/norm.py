@@ -39,6 +39,8 @@ class NormAttrs(Attrs):
     running_var: ParamRef | fx.Node | None = None
     normalized_ndim: int | None = None  # layer / rms: how many trailing dims
     num_groups: int | None = None  # group
+    training: bool | None = None  # batch / instance: batch statistics (and their updates)
+    eps: float | None = None  # batch / instance
 
 
 # -- views ------------------------------------------------------------------------------------
@@ -51,14 +53,22 @@ def _module_stats(op: CanonicalOp, norm: str, **extra) -> CanonicalOp:
 
 def _batch_view(op: CanonicalOp, norm: str = "batch") -> CanonicalOp:
     if op.module is not None:
-        return _module_stats(op, norm)
+        mod = op.module
+        uses_batch = mod.training or getattr(mod, "running_mean", None) is None
+        return _module_stats(op, norm, training=bool(uses_batch), eps=float(mod.eps))
     if op.node.target in (F.batch_norm, F.instance_norm):
-        # F.batch_norm(input, running_mean, running_var, weight, bias, ...)
+        # F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
         order = ("running_mean", "running_var", "weight", "bias")
     else:  # aten / torch.batch_norm(input, weight, bias, running_mean, running_var, ...)
         order = ("weight", "bias", "running_mean", "running_var")
     refs = {role: param_arg(op, i + 1, role) for i, role in enumerate(order)}
-    return op.with_(name=f"{norm}_norm", inputs=[op.node.args[0]], attrs=NormAttrs(norm, **refs))
+    if "no_training" in str(op.node.target):  # _native_batch_norm_legit_no_training(.., eps)
+        training, eps = False, op.arg(6, "eps", 1e-5)
+    else:  # training at 5 (use_input_stats for instance_norm), eps at 7
+        training = op.arg(5, "use_input_stats" if norm == "instance" else "training", False)
+        eps = op.arg(7, "eps", 1e-5)
+    attrs = NormAttrs(norm, **refs, training=bool(training), eps=eps)
+    return op.with_(name=f"{norm}_norm", inputs=[op.node.args[0]], attrs=attrs)
 
 
 def _instance_view(op: CanonicalOp) -> CanonicalOp:
@@ -149,7 +159,7 @@ _RMS_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
 @op_spec("norm", modules=_RMS_MODULES, ops=("rms_norm", "_fused_rms_norm"), view=_rms_view, rewrite=_layer_rewrite)  # fmt: skip
 @op_spec("norm", modules=(nn.GroupNorm,), ops=("group_norm", "native_group_norm"), view=_group_view, rewrite=_group_rewrite)  # fmt: skip
 @op_spec("norm", modules=(nn.LayerNorm,), ops=("layer_norm", "native_layer_norm"), view=_layer_view, rewrite=_layer_rewrite)  # fmt: skip
-@op_spec("norm", modules=(nn.modules.instancenorm._InstanceNorm,), ops=("instance_norm",), view=_instance_view, rewrite=_batch_rewrite)  # fmt: skip
+@op_spec("norm", modules=(nn.modules.instancenorm._InstanceNorm,), ops=("instance_norm",), view=_instance_view, rewrite=_batch_rewrite, mode_args={"instance_norm": ("use_input_stats",)})  # fmt: skip
 @op_spec(
     "norm",
     modules=(nn.modules.batchnorm._BatchNorm,),
@@ -162,6 +172,7 @@ _RMS_MODULES = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     ),
     view=_batch_view,
     rewrite=_batch_rewrite,
+    mode_args={"batch_norm": ("training",)},  # batch statistics, running-stat updates
 )
 def norm(op: CanonicalOp, env: ChannelEnv):
     x = op.inputs[0]
