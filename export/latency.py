@@ -544,6 +544,25 @@ def _measure_all(
     return measurements
 
 
+def inputs_by_batch(inputs: Any) -> Callable[[int], Any]:
+    """``batch -> example inputs`` for ``compare_latency``: batch-1 tensors (of a tensor,
+    tuple, list or dict of inputs) repeated along dim 0; other values as they are."""
+
+    def at(batch: int) -> Any:
+        def grow(t: Any) -> Any:
+            if isinstance(t, torch.Tensor) and t.dim() > 0:
+                return t[:1].expand(batch, *t.shape[1:]).clone() if t.shape[0] == 1 else t
+            return t
+
+        if isinstance(inputs, dict):
+            return {k: grow(v) for k, v in inputs.items()}
+        if isinstance(inputs, (tuple, list)):
+            return tuple(grow(v) for v in inputs)
+        return grow(inputs)
+
+    return at
+
+
 def _check_arguments(
     models: Any,
     inputs: Any,

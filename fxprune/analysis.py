@@ -165,6 +165,15 @@ def ignore_alias(ignore: Any, ignored_layers: Any) -> tuple[Any, str]:
     return ignore, "ignore"
 
 
+def ratio_overrides(model: nn.Module, ratios: Mapping[Any, float] | None) -> dict[str, float]:
+    """``ratios=`` keys resolved to module / parameter names, exactly as ``ignore=``'s."""
+    if not ratios:
+        return {}
+    # The keys name modules exactly as ignore= does: same resolution, same messages.
+    names = ignored_prefixes(model, list(ratios), argument="ratios")
+    return dict(zip(names, ratios.values()))
+
+
 def ignore_spec(
     model: nn.Module,
     ignore: Any = None,
@@ -217,15 +226,12 @@ def analysis_passes(ignored: IgnoreSpec | None = None, head_mode: str = "auto") 
 
 
 def run_analysis(
-    gm: fx.GraphModule,
-    ignored: IgnoreSpec | None = None,
-    head_mode: str = "auto",
-    ctx: PassContext | None = None,
-) -> tuple[list[PruneGroup], Any, PassContext]:
-    """(groups, channel env, context) of ``gm``, whose node.meta gets the analysis."""
-    ctx = ctx if ctx is not None else PassContext()
+    gm: fx.GraphModule, ignored: IgnoreSpec | None = None, head_mode: str = "auto"
+) -> tuple[list[PruneGroup], Any]:
+    """(groups, channel env) of ``gm``, whose node.meta gets the analysis."""
+    ctx = PassContext()
     PassManager(analysis_passes(ignored, head_mode), name="analysis").run(gm, ctx)
-    return ctx[GROUPS], ctx[CHANNELS], ctx
+    return ctx[GROUPS], ctx[CHANNELS]
 
 
 def analyze(
@@ -267,5 +273,5 @@ def analyze(
     )
     ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     gm = trace(model, example_inputs, frontend=frontend, **trace_kwargs)
-    groups, env, _ = run_analysis(gm, ignored, head_mode)
+    groups, env = run_analysis(gm, ignored, head_mode)
     return ChannelAnalysis(gm, groups, env, gm.meta.get("fxprune.frontend", frontend))

@@ -24,13 +24,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import fxprune
 from fxprune._version import __version__
 from fxprune.debug import print_graph
 from fxprune.errors import FxpruneError
 from fxprune.export import available_runtimes, build_engine, compare_latency, to_onnx
+from fxprune.export.latency import inputs_by_batch
 from fxprune.files import (
     ResultFolder,
     check_output_file,
@@ -506,7 +505,7 @@ def cmd_bench(args: argparse.Namespace, progress: _Progress) -> int:
         progress.step(f"timing original vs pruned ({', '.join(args.backends)})")
         report = compare_latency(
             {"original": model, "fxprune": res.module},
-            _batcher(inputs),
+            inputs_by_batch(inputs),
             backends=args.backends,
             batch_sizes=args.batch_sizes,
             rounds=args.rounds,
@@ -519,24 +518,6 @@ def cmd_bench(args: argparse.Namespace, progress: _Progress) -> int:
     print(report.table())
     print(f"wrote {out}/report.json and {out}/speedup.png")
     return 0
-
-
-def _batcher(inputs: Any):
-    """Example inputs at another batch size (batch is dim 0 of every tensor input)."""
-
-    def at(batch: int) -> Any:
-        def grow(t: Any) -> Any:
-            if isinstance(t, torch.Tensor) and t.dim() > 0:
-                return t[:1].expand(batch, *t.shape[1:]).clone() if t.shape[0] == 1 else t
-            return t
-
-        if isinstance(inputs, dict):
-            return {k: grow(v) for k, v in inputs.items()}
-        if isinstance(inputs, (tuple, list)):
-            return tuple(grow(v) for v in inputs)
-        return grow(inputs)
-
-    return at
 
 
 def cmd_demo(args: argparse.Namespace, progress: _Progress) -> int:
@@ -579,7 +560,7 @@ def _demo_steps(args: argparse.Namespace, out: Path, work: Path) -> str:
     )
     bench = compare_latency(
         {"original": model, "pruned": res.module},
-        _batcher(inputs),
+        inputs_by_batch(inputs),
         backends=("ort",),
         batch_sizes=(1,),
         rounds=args.rounds,

@@ -27,7 +27,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from fxprune import validate
-from fxprune.analysis import analysis_passes, ignore_spec, ignored_prefixes
+from fxprune.analysis import analysis_passes, ignore_spec, ratio_overrides
 from fxprune.artifacts import DEAD_CHANNELS, GROUPS, KEPT, OUTPUT_ERROR, SELECTION
 from fxprune.backend import eliminate_dead_channels
 from fxprune.pass_infra import PassContext, PassManager
@@ -108,14 +108,13 @@ def mask_channels(
         )
     )
     ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
-    names = ignored_prefixes(model, list(ratios), argument="ratios") if ratios else ()
     options = SelectionOptions(
         ratio=ratio,
         round_to=round_to,
         global_ranking=global_ranking,
         max_ratio=max_ratio,
         min_channels=min_channels,
-        ratios=dict(zip(names, (ratios or {}).values())),
+        ratios=ratio_overrides(model, ratios),
     )
     gm = trace(plain_copy(model), example_inputs, frontend=frontend)
     ctx = PassContext(example_inputs)

@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune import validate
-from fxprune.analysis import IgnoreSpec, analysis_passes, ignore_spec, ignored_prefixes
+from fxprune.analysis import IgnoreSpec, analysis_passes, ignore_spec, ratio_overrides
 from fxprune.artifacts import (
     GROUPS,
     KEPT,
@@ -142,7 +142,7 @@ def prune(
     validate.prune_arguments(locals())
     validate.eval_mode_for_export(model, frontend, verify)
     ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
-    overrides = _override_names(model, ratios)
+    overrides = ratio_overrides(model, ratios)
     work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
     gm = trace(
         work,
@@ -246,14 +246,6 @@ def become(model: nn.Module, module: nn.Module) -> nn.Module:
     if isinstance(model, fx.GraphModule):
         model.graph = model.graph  # the graph's owning module becomes ``model``; recompiles
     return model
-
-
-def _override_names(model: nn.Module, ratios: Mapping[Any, float] | None) -> dict[str, float]:
-    if not ratios:
-        return {}
-    # The keys name modules exactly as ignore= does: same resolution, same messages.
-    names = ignored_prefixes(model, list(ratios), argument="ratios")
-    return dict(zip(names, ratios.values()))
 
 
 def _prune_graph(
@@ -550,7 +542,7 @@ class Pruner:
             self.options.pop("ignored_layers", None),
             self.options.pop("exact_only", False),
         )
-        self.ratios = _override_names(model, self.options.pop("ratios"))
+        self.ratios = ratio_overrides(model, self.options.pop("ratios"))
         leaf_modules = tuple(self.options.pop("leaf_modules"))
         concrete_args = self.options.pop("concrete_args")
         self.module: nn.Module = trace(

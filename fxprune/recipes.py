@@ -34,7 +34,6 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
-import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -50,6 +49,7 @@ from fxprune import validate
 from fxprune.backend import backend
 from fxprune.errors import FxpruneError
 from fxprune.export import build_engine, compare_latency, to_onnx
+from fxprune.export.latency import inputs_by_batch
 from fxprune.files import ResultFolder, check_output_folder, write_bytes_atomic, write_text_atomic
 from fxprune.masks import mask_channels
 from fxprune.models import load_model
@@ -346,31 +346,17 @@ def _export_engine(state: _State, options: dict[str, Any], n: int) -> str:
 
 
 def _bench(state: _State, options: dict[str, Any], n: int) -> str:
-    def inputs_for(batch: int) -> Any:
-        return _batched(state.inputs, batch)
-
     options = {"backends": ("ort",), "batch_sizes": (1,), "rounds": 7, **options}
     report = compare_latency(
-        {"original": state.original, "current": state.module}, inputs_for, **options
+        {"original": state.original, "current": state.module},
+        inputs_by_batch(state.inputs),
+        **options,
     )
     if state.folder is not None:
         report.save_json(state.file(f"step{n}_bench.json"))
         write_text_atomic(state.file(f"step{n}_bench.txt"), report.table() + "\n")
     m = report.find(report.backends[0], report.batch_sizes[0], "current")
     return f"{m.speedup:.2f}x faster ({report.backends[0]}, batch {report.batch_sizes[0]})"
-
-
-def _batched(inputs: Any, batch: int) -> Any:
-    def grow(t: Any) -> Any:
-        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 1:
-            return t.expand(batch, *t.shape[1:]).contiguous()
-        return t
-
-    if isinstance(inputs, dict):
-        return {k: grow(v) for k, v in inputs.items()}
-    if isinstance(inputs, tuple):
-        return tuple(grow(v) for v in inputs)
-    return grow(inputs)
 
 
 def _write_files(state: _State, prefix: str, files: dict[str, bytes]) -> None:
@@ -403,8 +389,3 @@ def recipe_source(recipe: Recipe) -> str | dict[str, Any]:
         "input_shape": list(recipe.input_shape or ()),
         "steps": recipe.steps,
     }
-
-
-def describe_steps() -> str:
-    """The passes a recipe may use and their options (for ``fxprune run --list``)."""
-    return json.dumps({name: sorted(opts) for name, opts in STEPS.items()}, indent=2)
