@@ -83,6 +83,7 @@ def mask_channels(
     ratios: Mapping[Any, float] | None = None,
     freeze_inputs: Iterable[Any] | None = None,
     ignored_layers: Iterable[Any] | None = None,
+    exact_only: bool = False,
     max_ratio: float = 0.9,
     min_channels: int = 1,
     head_mode: str = "auto",
@@ -101,13 +102,14 @@ def mask_channels(
             importance=importance,
             ignore=ignore,
             global_ranking=global_ranking,
+            exact_only=exact_only,
             max_ratio=max_ratio,
             min_channels=min_channels,
             head_mode=head_mode,
             frontend=frontend,
         )
     )
-    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     options = SelectionOptions(
         ratio=ratio,
         round_to=round_to,

@@ -119,20 +119,37 @@ def index_kept(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
     return out
 
 
-def _masked(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> torch.Tensor:
-    """A new tensor: ``t`` with every coordinate outside the kept indices of ``dims`` zero."""
-    dropped = {}
+class _Dropped:
+    """The dropped positions of kept-index tensors, each computed once: a conv's weight, its
+    BatchNorm's four vectors and the next conv's input dim often share one index tensor."""
+
+    def __init__(self) -> None:
+        self._found: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor | None]] = {}
+
+    def __call__(self, idx: torch.Tensor, size: int) -> torch.Tensor | None:
+        """The positions of ``size`` that ``idx`` does not keep, or None when it keeps all."""
+        key = (id(idx), size)
+        hit = self._found.get(key)
+        if hit is not None and hit[0] is idx:
+            return hit[1]
+        index = torch.as_tensor(idx, dtype=torch.long)
+        keep = torch.zeros(size, dtype=torch.bool)
+        keep[index[index >= 0]] = True
+        dropped = None if bool(keep.all()) else (~keep).nonzero().flatten()
+        self._found[key] = (idx, dropped)  # holding ``idx`` keeps its id from being reused
+        return dropped
+
+
+def _masked(t: torch.Tensor, dims: dict[int, torch.Tensor], dropped: _Dropped) -> torch.Tensor:
+    """A new tensor: ``t`` with every coordinate outside the kept indices of ``dims`` zero
+    (zero, not ``0 * t``: an inf or nan pruned away must not survive); ``t`` is never written."""
+    out, copied = t.detach(), False
     for d, idx in dims.items():
-        keep = torch.zeros(t.shape[d], dtype=torch.bool, device=t.device)
-        idx = torch.as_tensor(idx, dtype=torch.long, device=t.device)
-        keep[idx[idx >= 0]] = True
-        if not bool(keep.all()):
-            dropped[d] = (~keep).nonzero().flatten()
-    out = t.detach()
-    if dropped:
-        out = out.clone()  # ``t`` itself is never written
-        for d, where in dropped.items():
-            out.index_fill_(d, where, 0)
+        where = dropped(idx, t.shape[d])
+        if where is not None:
+            if not copied:
+                out, copied = out.clone(), True
+            out.index_fill_(d, where.to(out.device), 0)
     return out
 
 
@@ -156,14 +173,17 @@ def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) 
     """
     m = original if in_place else copy.deepcopy(original)
     _eval(m)
+    tensors, dropped = _named_tensors(m), _Dropped()
     with torch.no_grad():
         for fqn, dims in kept.items():
-            t = tensor_at(m, fqn)
+            t = tensors.get(fqn)
+            if t is None:
+                t = tensor_at(m, fqn)
             if t is None:
                 raise VerificationError(
                     f"the result keeps indices of {fqn}, which the original model does not have."
                 )
-            _replace(m, fqn, _masked(t, dims))
+            _replace(m, fqn, _masked(t, dims, dropped))
     return m
 
 
@@ -226,10 +246,16 @@ def check_params(original: nn.Module, pruned: nn.Module, kept: Kept) -> int:
     """Pruned tensors equal the original indexed by ``kept``; the others are unchanged.
 
     Returns how many tensors were compared; raises naming the node that uses a wrong one.
+    A tensor the pruned model still shares with the original (the same object) is unchanged
+    by identity.
     """
+    before, after = _named_tensors(original), _named_tensors(pruned)
     checked = 0
     for fqn in sorted(kept):
-        want, got = tensor_at(original, fqn), tensor_at(pruned, fqn)
+        want = before.get(fqn)
+        want = tensor_at(original, fqn) if want is None else want
+        got = after.get(fqn)
+        got = tensor_at(pruned, fqn) if got is None else got
         if want is None:
             raise VerificationError(
                 f"the result keeps indices of {fqn}, which the original model does not have."
@@ -239,10 +265,14 @@ def check_params(original: nn.Module, pruned: nn.Module, kept: Kept) -> int:
         want = index_kept(want, kept[fqn])
         _compare_tensor(fqn, want, got.detach(), pruned, "the original indexed by the kept indices")
         checked += 1
-    for fqn, got in _named_tensors(pruned).items():
-        want = None if fqn in kept else tensor_at(original, fqn)
+    for fqn, got in after.items():
+        want = None if fqn in kept else before.get(fqn)
+        want = tensor_at(original, fqn) if want is None and fqn not in kept else want
         if want is not None:
-            _compare_tensor(fqn, want.detach(), got.detach(), pruned, "the original (not pruned)")
+            if got is not want:
+                _compare_tensor(
+                    fqn, want.detach(), got.detach(), pruned, "the original (not pruned)"
+                )
             checked += 1
     return checked
 

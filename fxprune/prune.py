@@ -33,6 +33,7 @@ from fxprune.artifacts import (
     VERIFICATION,
 )
 from fxprune.errors import PruneError
+from fxprune.masks import ChannelMasks, mask_channels
 from fxprune.oracle import GraphPlan
 from fxprune.pass_infra import Instrument, Pass, PassContext, PassManager, PassResult
 from fxprune.passes.importance import ImportancePass, taylor_grads
@@ -113,7 +114,8 @@ def prune(
     concrete_args: dict[str, Any] | None = None,
     instruments: Iterable[Instrument] = (),
     check: bool = False,
-) -> PruneResult:
+    mode: str = "cut",
+) -> PruneResult | ChannelMasks:
     """Prune ``model`` and return the smaller, verified module.
 
     ``ratio``: fraction of each group's channels to remove. ``round_to``: keep a
@@ -127,19 +129,21 @@ def prune(
     pruned with the layers producing them), or parameter names, all of whose channels stay.
     ``freeze_inputs``: modules or parameters every channel of which stays, the ones they
     read included (``freeze_inputs=[model.fc]`` also keeps fc's in_features).
-    ``exact_only``: keep every group whose removal is inexact: the residual stream
-    (embedding dim) of a transformer, which LayerNorm normalises, stays whole and only heads
-    and FFN widths are pruned (``ignore=[model.patch_embed]`` keeps one model's stream too).
+    ``exact_only``: keep every group whose removal is inexact: a transformer's residual
+    stream (LayerNorm normalises it) stays whole, only heads and FFN widths are pruned.
     ``verify``: run the correctness oracle (raises on a mismatch).
 
-    ``model`` is left untouched, unless ``inplace=True``: then, once pruning has
-    succeeded, ``model`` itself *becomes* the pruned module (its class, forward,
-    submodules and parameters are replaced by the pruned GraphModule's; state_dict keys
-    stay) and ``res.module is model``. Its parameters are new tensors, so build the
-    optimizer after pruning. A failure leaves ``model`` as it was.
+    ``model`` is left untouched, unless ``inplace=True``: then, once pruning has succeeded,
+    ``model`` itself *becomes* the pruned module (class, forward, submodules, parameters;
+    state_dict keys stay), ``res.module is model``; build the optimizer after pruning.
+    ``mode="mask"`` cuts nothing: it zeroes the channels a cut would remove in ``model``
+    and keeps them zero in training (:func:`fxprune.mask_channels`; returns its
+    :class:`ChannelMasks`); :func:`fxprune.apply_masks` or the compile backend cut later.
     """
     # locals() here is exactly the arguments: all of them are checked before any copy or trace.
     validate.prune_arguments(locals())
+    if mode == "mask":
+        return _mask_mode(locals())
     validate.eval_mode_for_export(model, frontend, verify)
     ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     overrides = ratio_overrides(model, ratios)
@@ -183,6 +187,35 @@ def prune(
     return res
 
 
+# What mask mode takes: mask_channels' options. Every other prune option must keep its
+# default there (a cut, a MACs search, the oracle and surgery's options have no meaning).
+_MASK_OPTIONS = frozenset(inspect.signature(mask_channels).parameters) | {"mode"}
+
+
+def _mask_mode(args: dict[str, Any]) -> ChannelMasks:
+    """``prune(..., mode="mask")``: :func:`fxprune.mask_channels` with the same options."""
+    defaults = inspect.signature(prune).parameters
+    unused = sorted(
+        name
+        for name, value in args.items()
+        if name not in _MASK_OPTIONS
+        and name != "verify"  # on by default for a cut; masking changes no output to check
+        and not (value is defaults[name].default or value == defaults[name].default)
+    )
+    if unused:
+        raise PruneError(
+            f"prune(mode='mask') zeroes channels in the model and cuts nothing, so it does not "
+            f"take {', '.join(f'{n}=' for n in unused)}: leave them out, or cut later with "
+            "fxprune.apply_masks (or the fxprune.backend compile pipeline)."
+        )
+    round_to, head_mode = args["round_to"], args["head_mode"]
+    if head_mode is None:  # as for a cut: round_to="heads" prunes attention by whole heads
+        head_mode = "heads" if round_to == "heads" else "auto"
+    args = {**args, "round_to": 1 if round_to == "heads" else round_to, "head_mode": head_mode}
+    options = {k: v for k, v in args.items() if k in _MASK_OPTIONS and k != "mode"}
+    return mask_channels(**options)
+
+
 _PRUNE_PARAMS = inspect.signature(prune).parameters
 # Pruner's options are prune()'s, read from its signature rather than restated: Pruner
 # takes model, example_inputs, ratio and inplace itself, and target_macs has no meaning
@@ -193,6 +226,7 @@ PRUNER_OPTIONS = frozenset(_PRUNE_PARAMS) - {
     "ratio",
     "inplace",
     "target_macs",
+    "mode",
 }
 
 

@@ -83,7 +83,7 @@ def _options(fn: Callable, drop: set[str]) -> dict[str, inspect.Parameter]:
 _NOT_IN_RECIPES = {"model", "example_inputs", "inputs", "inplace", "instruments", "progress"}
 # pass name -> the function whose keyword options the step accepts
 STEPS: dict[str, dict[str, inspect.Parameter]] = {
-    "prune": _options(prune, _NOT_IN_RECIPES | {"calibration", "loss_fn"}),
+    "prune": _options(prune, _NOT_IN_RECIPES | {"calibration", "loss_fn", "mode"}),  # "mask" step
     "sparsify": _options(sparsify, _NOT_IN_RECIPES),
     "mask": _options(mask_channels, _NOT_IN_RECIPES | {"calibration", "loss_fn"}),
     "compile": _options(backend, {"passes"}),

@@ -238,6 +238,12 @@ def prune_arguments(args: Mapping[str, Any], *, gradients_given: bool = False) -
         "verify": lambda v: boolean("verify", v),
         "inplace": lambda v: boolean("inplace", v),
         "check": lambda v: boolean("check", v),
+        "mode": lambda v: one_of(
+            "mode",
+            v,
+            ("cut", "mask"),
+            "'cut' removes channels, 'mask' zeroes them in the model for a later lossless cut",
+        ),
         "ratios": _ratios,
         "max_ratio": lambda v: number_in(
             "max_ratio",

@@ -11,7 +11,11 @@ so a channel is dead when the original already computes what its masked version 
   to zero at that channel (``bias - mean * weight / sqrt(var + eps) == 0``, in eval mode),
   and every tensor of the group keeps a zero channel zero (``Layout.zero``): then the
   channel is zero wherever it is read, and the readers (conv/linear input columns) may
-  hold anything.
+  hold anything; or
+- nobody reads it: its readers (conv/linear input columns) are zero, and every use of
+  every tensor of the group is another tensor of the group or such a reader (no graph
+  output, no reduction or matmul over the channel, no opaque module). Then its producers
+  may hold anything: what they compute is multiplied by zero.
 
 Anything else (transposed convs, other norms, grouped structures) must be zero in every
 member. The pass only writes a selection (``1`` keep, ``0`` drop); ``PlanChannelsPass`` and
@@ -173,6 +177,8 @@ class DeadChannelPass(Pass):
         all_zero = torch.ones(g.size, dtype=torch.bool)  # every member slice is zero
         sources_zero = torch.ones(g.size, dtype=torch.bool)  # all but readers and norms
         norms_ok = torch.ones(g.size, dtype=torch.bool)
+        readers_zero = torch.ones(g.size, dtype=torch.bool)
+        readers = set()  # (param, dim) of the group's reader slices
         for m in g.members:
             t = tensor_at(gm, m.param)
             if t is None:
@@ -181,6 +187,8 @@ class DeadChannelPass(Pass):
             all_zero &= ~nonzero
             role = roles.get((alias.get(m.param, m.param), m.dim))
             if role == _READER:
+                readers_zero &= ~nonzero
+                readers.add((alias.get(m.param, m.param), m.dim))
                 continue
             if isinstance(role, _NormZero):
                 if len(role.zero) == len(m.index_map):
@@ -192,7 +200,31 @@ class DeadChannelPass(Pass):
         zero_on_the_way = sources_zero & norms_ok
         if zero_on_the_way.any() and not self._keeps_zero(gm, g):
             zero_on_the_way[:] = False
-        return all_zero | zero_on_the_way
+        unread = readers_zero if readers else torch.zeros(g.size, dtype=torch.bool)
+        if unread.any() and not self._read_only_by(gm, g, readers, alias):
+            unread[:] = False
+        return all_zero | zero_on_the_way | unread
+
+    @staticmethod
+    def _read_only_by(gm: fx.GraphModule, g: PruneGroup, readers: set, alias: dict) -> bool:
+        """Every use of every tensor of the group is another tensor of the group or a
+        conv/linear that reads the channel through one of ``readers`` (its input columns)."""
+        names = set(g.nodes)
+        for node in gm.graph.nodes:
+            if node.name not in names:
+                continue
+            for user in node.users:
+                if user.name in names:
+                    continue
+                op = meta.get(user, meta.OP)
+                if not isinstance(op, CanonicalOp) or op.kind not in ("conv", "linear"):
+                    return False
+                weight = op.params.get("weight")
+                if weight is None or (alias.get(weight, weight), 1) not in readers:
+                    return False
+                if not op.inputs or op.inputs[0] is not node:
+                    return False  # the group's tensor is the weight or the bias, not the input
+        return True
 
     @staticmethod
     def _keeps_zero(gm: fx.GraphModule, g: PruneGroup) -> bool:

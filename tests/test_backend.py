@@ -191,6 +191,40 @@ def test_dead_channel_needs_the_batch_norm_to_map_zero_to_zero():
     torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
 
 
+def test_channels_nobody_reads_are_dead_whatever_their_producers_hold():
+    model = randomize(ConvBNNet().eval())
+    with torch.no_grad():
+        model.c2.weight[:, [3, 4]] = 0  # c2 reads nothing of channels 3 and 4 of c1/b1
+    x = torch.randn(2, 3, 16, 16)
+    assert bool((model.c1.weight[[3, 4]] != 0).all())  # their producers are live
+    res = fxprune.apply_masks(model, x)
+    assert res.dead_channels == 2
+    assert 3 not in res.kept["c1.weight"][0].tolist() and 4 not in res.kept["c2.weight"][1]
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
+    be = fxprune.backend(then=Recorder())  # the same in the graph Dynamo captures
+    torch.testing.assert_close(_compiled(model, be, x), model(x), rtol=0, atol=1e-5)
+    assert be.compiled[0].dead_channels == 2
+
+
+class ReadElsewhere(ConvBNNet):
+    """The first block's channels are read by c2 and also summed over: not unread."""
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        y = torch.relu(self.b2(self.c2(x)))
+        return self.fc(y.mean((2, 3))) + x.sum(1).mean((1, 2)).unsqueeze(1)
+
+
+def test_a_channel_read_by_anything_but_zero_columns_is_not_dead():
+    model = randomize(ReadElsewhere().eval())
+    with torch.no_grad():
+        model.c2.weight[:, [3, 4]] = 0
+    x = torch.randn(2, 3, 16, 16)
+    res = fxprune.apply_masks(model, x)
+    assert res.dead_channels == 0
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
+
+
 def test_mask_channels_keeps_zeros_through_training_and_apply_masks_cuts_them():
     model = randomize(ConvBNNet())
     x = torch.randn(4, 3, 16, 16)
@@ -236,3 +270,25 @@ def test_inductor_compile_of_a_masked_tiny_model():
     torch.testing.assert_close(out, ref, rtol=0, atol=1e-5)
     assert be.compiled[0].macs_after < be.compiled[0].macs_before
     assert elapsed < 120, f"inductor compile took {elapsed:.0f}s"
+
+
+def test_prune_mask_mode_masks_what_a_cut_removes_and_apply_masks_cuts_it():
+    model = randomize(ConvBNNet().eval())
+    x = torch.randn(2, 3, 16, 16)
+    cut = fxprune.prune(model, x, ratio=0.5, round_to=4, ignore=[model.fc])
+    masks = fxprune.prune(model, x, ratio=0.5, round_to=4, ignore=[model.fc], mode="mask")
+    assert isinstance(masks, fxprune.ChannelMasks)
+    assert torch.nn.utils.parametrize.is_parametrized(model.c1)  # masked in the model itself
+    res = fxprune.apply_masks(model, x)
+    assert res.kept["c1.weight"][0].tolist() == cut.kept["c1.weight"][0].tolist()
+    assert res.macs_after == cut.report.macs_after
+    torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_prune_mask_mode_refuses_options_that_only_a_cut_has():
+    model = ConvBNNet()
+    with pytest.raises(fxprune.PruneError, match=r"does not take align=, target_macs="):
+        fxprune.prune(model, torch.randn(1, 3, 8, 8), target_macs=0.5, align="pad", mode="mask")
+    with pytest.raises(fxprune.PruneError, match="mode must be one of"):
+        fxprune.prune(model, torch.randn(1, 3, 8, 8), mode="masks")
+    assert not torch.nn.utils.parametrize.is_parametrized(model.c1)
