@@ -124,3 +124,20 @@ def describe(node: fx.Node) -> str:
     """Node name plus the user source line, for error messages and warnings."""
     where = source_line(node)
     return f"node '{node.name}'" + (f" at {where}" if where else "")
+
+
+def module_path(node: fx.Node | None) -> str | None:
+    """Dotted path of the module whose forward made ``node`` (a ``call_module`` target, the
+    holder of a ``get_attr`` tensor, or the innermost entry of torch.export's
+    ``nn_module_stack``), or None when unknown."""
+    if node is None:
+        return None
+    if node.op == "call_module":
+        return str(node.target)
+    if node.op == "get_attr":  # a parameter read as a tensor: the module that holds it
+        return str(node.target).rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path = list(stack.values())[-1][0]
+    return path if isinstance(path, str) else None

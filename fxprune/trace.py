@@ -196,6 +196,41 @@ def trace(
     if not isinstance(model, nn.Module):
         raise TraceError(f"expected a torch.nn.Module to trace, got {type(model).__name__}.")
     inputs = ExampleInputs.of(example_inputs)
+    with _without_kv_cache(model):
+        return _trace_frontends(model, inputs, frontend, leaf_modules, concrete_args)
+
+
+@contextlib.contextmanager
+def _without_kv_cache(model: nn.Module) -> Iterator[None]:
+    """A transformers model's ``config.use_cache`` off while it is traced, as it was after.
+
+    A traced graph cannot return a key/value cache object (``DynamicCache``: neither fx nor
+    torch.export can carry it), and pruning is about the forward a deployment runs; the
+    traced and pruned model therefore returns no cache, and says so.
+    """
+    config = getattr(model, "config", None)
+    if not getattr(config, "use_cache", False):
+        yield
+        return
+    logger.info(
+        "%s: tracing with config.use_cache=False (a traced graph cannot return a key/value "
+        "cache); the pruned model returns no past_key_values",
+        type(model).__name__,
+    )
+    config.use_cache = False
+    try:
+        yield
+    finally:
+        config.use_cache = True
+
+
+def _trace_frontends(
+    model: nn.Module,
+    inputs: ExampleInputs,
+    frontend: str,
+    leaf_modules: Sequence[type | str | nn.Module],
+    concrete_args: dict[str, Any] | None,
+) -> fx.GraphModule:
     failures: list[tuple[str, BaseException]] = []
     if frontend in ("auto", "fx"):
         try:

@@ -65,10 +65,11 @@ def _roles(gm: fx.GraphModule, alias: dict[str, str]) -> dict[tuple[str, int], o
         if not isinstance(op, CanonicalOp):
             continue
         params = {role: alias.get(fqn, fqn) for role, fqn in op.params.items()}
-        if op.kind in ("conv", "linear") and not _transposed(op):
+        dims = _weight_dims(op)
+        if dims is not None:
             if "weight" in params:
-                roles[(params["weight"], 0)] = _PRODUCER
-                roles[(params["weight"], 1)] = _READER
+                roles[(params["weight"], dims[0])] = _PRODUCER
+                roles[(params["weight"], dims[1])] = _READER
             if "bias" in params:
                 roles[(params["bias"], 0)] = _PRODUCER
         elif op.kind == "norm" and getattr(op.attrs, "norm", None) == "batch" and op.inputs:
@@ -77,6 +78,15 @@ def _roles(gm: fx.GraphModule, alias: dict[str, str]) -> dict[tuple[str, int], o
                 for fqn in params.values():
                     roles[(fqn, 0)] = _NormZero(zero, op.inputs[0])
     return roles
+
+
+def _weight_dims(op: CanonicalOp) -> tuple[int, int] | None:
+    """(output dim, input dim) of the weight of a conv or linear, or None for other ops."""
+    if op.kind in ("conv", "linear") and not _transposed(op):
+        return 0, 1
+    if op.kind == "linear_t":  # addmm(bias, x, weight[in, out]): transformers' Conv1D
+        return 1, 0
+    return None
 
 
 def _transposed(op: CanonicalOp) -> bool:
@@ -217,10 +227,9 @@ class DeadChannelPass(Pass):
                 if user.name in names:
                     continue
                 op = meta.get(user, meta.OP)
-                if not isinstance(op, CanonicalOp) or op.kind not in ("conv", "linear"):
-                    return False
-                weight = op.params.get("weight")
-                if weight is None or (alias.get(weight, weight), 1) not in readers:
+                dims = _weight_dims(op) if isinstance(op, CanonicalOp) else None
+                weight = op.params.get("weight") if dims is not None else None
+                if weight is None or (alias.get(weight, weight), dims[1]) not in readers:
                     return False
                 if not op.inputs or op.inputs[0] is not node:
                     return False  # the group's tensor is the weight or the bias, not the input

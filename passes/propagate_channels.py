@@ -102,8 +102,12 @@ class PropagateChannelsPass(Pass):
                 env.table.freeze(atoms, f"frozen by the user ({prefix})")
                 continue
             prefix = _first_under(known, self.keep_outputs)
-            if prefix is not None and (env.param_source.get((fqn, dim)) or fqn not in sources):
-                env.table.freeze(atoms, f"ignored by the user ({prefix}: its output channels)")
+            if prefix is None or not (env.param_source.get((fqn, dim)) or fqn not in sources):
+                continue
+            owner = env.source_modules.get((fqn, dim))
+            if len(known) > 1 and owner is not None and _first_under([owner], (prefix,)) is None:
+                continue  # a tied tensor (lm_head = wte): this dim is another module's output
+            env.table.freeze(atoms, f"ignored by the user ({prefix}: its output channels)")
 
 
 def _first_under(names: list[str], prefixes: tuple[str, ...]) -> str | None:

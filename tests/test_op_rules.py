@@ -167,6 +167,9 @@ ROWS = [
     # transposed conv: weight dim 0 reads channels, dim 1 makes them
     Row("conv_transpose_in", img(nn.ConvTranspose2d(8, 6, 2, stride=2), c=conv(6, 2)), together=("a.weight:0", "op.weight:0"), apart=("a.weight:0", "op.weight:1")),
     Row("conv_transpose_out", img(nn.ConvTranspose2d(8, 6, 2, stride=2), c=conv(6, 2)), together=("op.weight:1", "op.bias:0", "c.weight:1")),
+    # addmm with an [in, out] weight (transformers' Conv1D): dim 0 reads, dim 1 makes channels
+    Row("addmm_conv1d", Net(lambda m, x: m.c(torch.addmm(m.b, m.a(x).view(-1, 8), m.w).view(1, 5, 6)), TOKENS, a=lin(6, 8), w=nn.Parameter(torch.randn(8, 6)), b=nn.Parameter(torch.randn(6)), c=lin(6, 2)), together=("a.weight:0", "a.bias:0", "w:0"), apart=("w:0", "w:1")),
+    Row("addmm_conv1d_out", Net(lambda m, x: m.c(torch.addmm(m.b, m.a(x).view(-1, 8), m.w).view(1, 5, 6)), TOKENS, a=lin(6, 8), w=nn.Parameter(torch.randn(8, 6)), b=nn.Parameter(torch.randn(6)), c=lin(6, 2)), together=("w:1", "b:0", "c.weight:1"), size=6),
     # embedding: the embedding dim is a source of channels
     Row("embedding", Net(lambda m, x: m.c(m.e(x)), (1, 5), 10, e=nn.Embedding(10, 8), c=lin(8, 2)), together=("e.weight:1", "c.weight:1"), size=8),
     # -- normalisation -------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ class ChannelEnv:
         self.param_atoms: dict[tuple[str, int], np.ndarray] = {}
         self.param_source: dict[tuple[str, int], bool] = {}
         self.param_nodes: dict[tuple[str, int], str] = {}
+        # source dim -> path of the module whose op created it (when the graph says)
+        self.source_modules: dict[tuple[str, int], str] = {}
         # A source dim that packs several channel spaces (q | k | v rows) lists their ranges.
         self.source_segments: dict[tuple[str, int], list[tuple[int, int]]] = {}
         self.param_alias = param_alias or {}
@@ -154,6 +156,9 @@ class ChannelEnv:
             if bind is None:
                 have = self.table.new(size)
                 self.param_source[key] = True
+                owner = meta.module_path(self.node)
+                if owner is not None:
+                    self.source_modules[key] = owner
             else:
                 # Positions with no atom get fresh frozen ones: the parameter dim exists but
                 # what it reads cannot be removed.

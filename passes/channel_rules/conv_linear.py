@@ -1,4 +1,6 @@
-"""Ops with weights: conv (plain, grouped, depthwise), transposed conv, linear, embedding.
+"""Ops with weights: conv (plain, grouped, depthwise), transposed conv, linear, embedding,
+and ``addmm`` with a parameter as its second matrix (transformers' ``Conv1D``, GPT-2's
+layers: ``addmm(bias, x, weight)`` with the weight stored ``[in, out]``).
 
 A weight's output rows are a *source* of channels (fresh atoms); its input columns
 are bound to the channels of the op's input. Grouped convs tie the same in-group
@@ -89,6 +91,12 @@ def _linear_view(op: CanonicalOp) -> CanonicalOp:
         )
     attrs = WeightAttrs(param_arg(op, 1, "weight"), param_arg(op, 2, "bias"))
     return op.with_(name="linear", inputs=[op.node.args[0]], attrs=attrs)
+
+
+def _addmm_view(op: CanonicalOp) -> CanonicalOp:
+    """``addmm(bias, x, weight)``: ``x @ weight + bias``, the weight ``[in, out]``."""
+    attrs = WeightAttrs(param_arg(op, 2, "mat2"), param_arg(op, 0, "input"))
+    return op.with_(name="addmm", inputs=[op.node.args[1]], attrs=attrs)
 
 
 def _embedding_view(op: CanonicalOp) -> CanonicalOp:
@@ -279,6 +287,38 @@ def linear(op: CanonicalOp, env: ChannelEnv):
     out = env.param_dim(fqn, 0, w.shape[0])
     _bind_bias(op, env, out)
     return Layout.along(out, len(out_shape) - 1, len(out_shape))
+
+
+@op_spec("linear_t", ops=("addmm",), view=_addmm_view, macs=_linear_macs)
+def addmm(op: CanonicalOp, env: ChannelEnv):
+    """A linear whose weight is stored transposed: input columns are dim 0, outputs dim 1.
+
+    Only the 2-D case with a parameter weight (and a parameter or no bias) is sliced; a
+    computed matrix, a bias that is not a vector, or any other layout is frozen.
+    """
+    fqn, w = _weight(op, env)
+    x = op.inputs[0]
+    lay, shape = env.layout(x), env.shape(x)
+    out_shape = env.shape(op.node)
+    bias = op.attrs.bias
+    bias_shape = env.shape(op.node.args[0]) if isinstance(op.node.args[0], fx.Node) else None
+    if (
+        w is None
+        or w.dim() != 2
+        or lay is None
+        or shape is None
+        or out_shape is None
+        or len(shape) != 2
+        or (isinstance(bias, ParamRef) and (bias_shape is None or len(bias_shape) != 1))
+    ):
+        return default_rule(op, env)
+    xa = env.dim_atoms(lay, shape, 1)
+    if not lay.zero:
+        env.inexact(xa, "addmm reads channels that are non-zero when pruned")
+    env.param_dim(fqn, 0, w.shape[0], bind=xa)
+    out = env.param_dim(fqn, 1, w.shape[1])
+    _bind_bias(op, env, out)
+    return Layout.along(out, 1, 2)
 
 
 @op_spec(
