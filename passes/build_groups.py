@@ -82,10 +82,15 @@ class BuildGroupsPass(Pass):
             if g.prunable and not any(m.param in param_names for m in g.members):
                 g.prunable, g.reason = False, "holds buffers only, no parameters to remove"
             # Positions per channel in the weight matrices (the GEMM dims alignment is for).
+            # A grouped conv's in-group columns are not the tensor's channels: alignment counts
+            # the tensor (in-group position x conv groups), as its producer's rows do.
             per = [
                 m.size // g.size
                 for m in g.members
-                if len(shapes.get(m.param, ())) >= 2 and g.size and m.size >= g.size
+                if len(shapes.get(m.param, ())) >= 2
+                and g.size
+                and m.size >= g.size
+                and (m.param, m.dim) not in env.in_group_dims
             ]
             src = g.member(*g.source) if g.source else None
             if per:

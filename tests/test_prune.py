@@ -432,3 +432,27 @@ def test_report_is_a_table_and_json():
 
     d = json.loads(res.report.to_json())
     assert d["macs_before"] > d["macs_after"] > 0
+
+
+class GroupedBlock(torch.nn.Module):
+    """A conv whose 32 channels a groups=4 conv reads: 8 in-group positions x 4 groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = torch.nn.Conv2d(3, 32, 1), torch.nn.BatchNorm2d(32)
+        self.g = torch.nn.Conv2d(32, 32, 3, padding=1, groups=4)
+        self.c = torch.nn.Conv2d(32, 8, 1)
+
+    def forward(self, x):
+        return self.c(torch.relu(self.g(torch.relu(self.b(self.a(x))))))
+
+
+@pytest.mark.parametrize("align", ["round", "pad"])
+def test_round_to_counts_a_grouped_convs_tensor_channels_not_its_in_group_positions(align):
+    model = GroupedBlock().eval()
+    x = torch.randn(1, 3, 8, 8)
+    res = fxprune.prune(model, x, ratio=0.5, round_to=8, align=align)
+    # 4 of 8 in-group positions in each of 4 groups: 16 channels, a multiple of 8
+    assert len(res.kept["a.weight"][0]) == 16 and bool((res.kept["a.weight"][0] >= 0).all())
+    assert len(res.kept["g.weight"][1]) == 4  # the grouped conv's in-group columns
+    assert res.report.verified == "outputs equal the masked original"

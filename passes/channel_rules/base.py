@@ -95,6 +95,8 @@ class ChannelEnv:
         self.param_atoms: dict[tuple[str, int], np.ndarray] = {}
         self.param_source: dict[tuple[str, int], bool] = {}
         self.param_nodes: dict[tuple[str, int], str] = {}
+        # (param, dim) of grouped conv weights' in-group columns (not the tensor's channels)
+        self.in_group_dims: set[tuple[str, int]] = set()
         # source dim -> path of the module whose op created it (when the graph says)
         self.source_modules: dict[tuple[str, int], str] = {}
         # A source dim that packs several channel spaces (q | k | v rows) lists their ranges.

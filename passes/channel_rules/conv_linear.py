@@ -229,6 +229,7 @@ def conv(op: CanonicalOp, env: ChannelEnv):
         grid_in = xa.reshape(groups, c_in_g)
         env.table.union(grid_in[:1], grid_in)
         env.param_dim(fqn, 1, c_in_g, bind=grid_in[0])
+        env.in_group_dims.add((env.canonical_param(fqn), 1))
         grid_out = out.reshape(groups, c_out // groups)
         env.table.union(grid_out[:1], grid_out)
         env.note_grouped(out, groups)
