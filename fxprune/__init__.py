@@ -33,6 +33,7 @@ from fxprune.pass_infra import (
     PrintAfterEach,
     TimePasses,
 )
+from fxprune.pretrained import PretrainedError, SavedPretrained, save_pretrained
 from fxprune.prune import Pruner, PruneResult, prune
 from fxprune.recipes import RecipeError, run_recipe
 from fxprune.report import PruneReport, count_macs, count_params
@@ -70,6 +71,7 @@ __all__ = [
     "PassError",
     "PassManager",
     "PassResult",
+    "PretrainedError",
     "PrintAfterEach",
     "PruneError",
     "PruneGroup",
@@ -77,6 +79,7 @@ __all__ = [
     "PruneResult",
     "Pruner",
     "RecipeError",
+    "SavedPretrained",
     "SparsifyResult",
     "TimePasses",
     "TraceError",
@@ -94,6 +97,7 @@ __all__ = [
     "remove_masks",
     "run_recipe",
     "save",
+    "save_pretrained",
     "sparsify",
     "trace",
     "verify",

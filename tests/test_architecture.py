@@ -25,6 +25,7 @@ PIPELINES = {
     "fxprune.prune",
     "fxprune.sparsify",
     "fxprune.saving",
+    "fxprune.pretrained",
     "fxprune.models",
     "fxprune.backend",
     "fxprune.masks",
