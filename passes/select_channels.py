@@ -102,6 +102,43 @@ def align_step(g: PruneGroup, round_to: int) -> int:
     return round_to // math.gcd(round_to, max(1, g.units))
 
 
+def split_pieces(
+    gm: fx.GraphModule, ctx: PassContext, groups: list[PruneGroup]
+) -> dict[int, list[np.ndarray]]:
+    """{group id: the pieces (group indices of each)} for groups that one split or chunk
+    cuts, whole, into two or more disjoint parts (C2f's ``chunk(2)``)."""
+    env = ctx.get(CHANNELS)
+    if env is None:
+        return {}
+    owner: dict[int, tuple[int, int]] = {}  # class -> (group id, index in the group)
+    for g in groups:
+        if g.structure == "channels" and g.units == 1:
+            for i, c in enumerate(np.asarray(g.classes, dtype=np.int64).tolist()):
+                owner[c] = (g.id, i)
+    sizes = {g.id: g.size for g in groups}
+    found: dict[int, list[np.ndarray]] = {}
+    for node in gm.graph.nodes:
+        lays = meta.get(node, meta.LAYOUT)
+        if not isinstance(lays, list) or len(lays) < 2:
+            continue
+        gids, pieces = set(), []
+        for lay in lays:
+            if not isinstance(lay, Layout) or lay.channel_dim() is None:
+                break
+            classes = np.unique(np.asarray(env.table.find(lay.atoms)).ravel()).tolist()
+            hits = [owner[c] for c in classes if c in owner]
+            gids.update(gid for gid, _ in hits)
+            pieces.append(np.array(sorted(i for _, i in hits), dtype=np.int64))
+        else:
+            if len(gids) != 1 or min(len(p) for p in pieces) == 0:
+                continue
+            gid = gids.pop()
+            joined = np.concatenate(pieces)
+            if len(np.unique(joined)) == len(joined) == sizes[gid]:
+                found.setdefault(gid, pieces)
+    return found
+
+
 class SelectChannelsPass(Pass):
     """Keep/pad/drop state of every channel of every prunable group, by score and ratio."""
 
@@ -139,6 +176,7 @@ class SelectChannelsPass(Pass):
             }
         )
         selection, notes = {}, {}
+        split = split_pieces(gm, ctx, prunable)
         for g in prunable:
             keep, pad, note = self._aligned(g, targets[g.id], original[g.id])
             real = g.size - self._padding(g).sum().item()
@@ -149,6 +187,10 @@ class SelectChannelsPass(Pass):
             if note:
                 notes[g.id] = note
             ranked = scores[g.id].masked_fill(self._padding(g), -math.inf)
+            pieces = None if g.id in opts.padding else split.get(g.id)
+            if pieces is not None and keep + pad < g.size:
+                selection[g.id] = self._by_piece(g, pieces, ranked, keep + pad)
+                continue
             order = torch.argsort(ranked, descending=True, stable=True)
             state = torch.zeros(g.size, dtype=torch.int8)
             state[order[:keep]] = KEEP
@@ -158,6 +200,22 @@ class SelectChannelsPass(Pass):
         ctx[SELECTION] = selection
         ctx[SELECTION_NOTES] = notes
         return PassResult(gm, False)
+
+    def _by_piece(
+        self, g: PruneGroup, pieces: list[np.ndarray], ranked: torch.Tensor, total: int
+    ) -> torch.Tensor:
+        """The group's kept share in every piece a split makes of it (C2f's ``chunk(2)``),
+        each piece aligned on its own, the best channels of each piece kept: a global
+        ranking could empty one piece and leave the other whole."""
+        state = torch.zeros(g.size, dtype=torch.int8)
+        for piece in pieces:
+            want = max(1, round(total * len(piece) / g.size))
+            keep, pad, _ = self._aligned(g, want, len(piece))
+            idx = torch.as_tensor(piece, dtype=torch.long)
+            order = idx[torch.argsort(ranked[idx], descending=True, stable=True)]
+            state[order[:keep]] = KEEP
+            state[order[keep : keep + pad]] = PAD
+        return state
 
     @staticmethod
     def _never_empty(
@@ -193,7 +251,7 @@ class SelectChannelsPass(Pass):
                 gid, i = int(owner[best]), int(index[best])
                 selection[gid][i] = KEEP
                 state[best] = KEEP
-                notes[gid] = "kept a channel so that no tensor becomes empty"
+                notes[gid] = f"kept a channel so that {meta.describe(node)} does not become empty"
 
     def _padding(self, g: PruneGroup) -> torch.Tensor:
         pad = self.opts.padding.get(g.id)

@@ -456,3 +456,29 @@ def test_round_to_counts_a_grouped_convs_tensor_channels_not_its_in_group_positi
     assert len(res.kept["a.weight"][0]) == 16 and bool((res.kept["a.weight"][0] >= 0).all())
     assert len(res.kept["g.weight"][1]) == 4  # the grouped conv's in-group columns
     assert res.report.verified == "outputs equal the masked original"
+
+
+class ChunkBlock(torch.nn.Module):
+    """YOLO's C2f in small: a conv's channels chunked in two, one half read by more layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cv1 = torch.nn.Conv2d(3, 32, 1)
+        self.m = torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.ReLU())
+        self.m2 = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.cv2 = torch.nn.Conv2d(64, 8, 1)
+
+    def forward(self, x):
+        a, b = self.cv1(x).chunk(2, 1)
+        c = self.m(b)
+        return self.cv2(torch.cat([a, b, c, self.m2(c)], 1))
+
+
+def test_a_chunked_group_keeps_its_share_in_every_piece():
+    model = ChunkBlock().eval()
+    with torch.no_grad():
+        model.cv1.weight[16:] *= 10  # the second half scores far higher
+    res = fxprune.prune(model, torch.randn(1, 3, 8, 8), ratio=0.5, round_to=8)
+    kept = res.kept["cv1.weight"][0]
+    assert int((kept < 16).sum()) == 8 and int((kept >= 16).sum()) == 8
+    assert res.report.verified == "outputs equal the masked original"
