@@ -32,9 +32,10 @@ from fxprune.artifacts import (
     SELECTION_NOTES,
     VERIFICATION,
 )
-from fxprune.errors import PruneError
+from fxprune.errors import PruneError, TraceError
 from fxprune.masks import ChannelMasks, mask_channels
 from fxprune.oracle import GraphPlan
+from fxprune.parts import prune_parts
 from fxprune.pass_infra import Instrument, Pass, PassContext, PassManager, PassResult
 from fxprune.passes.importance import ImportancePass, taylor_grads
 from fxprune.passes.plan_channels import PlanChannelsPass, TargetMacsPass
@@ -148,25 +149,14 @@ def prune(
     ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
     overrides = ratio_overrides(model, ratios)
     work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
-    gm = trace(
-        work,
-        example_inputs,
-        frontend=frontend,
-        leaf_modules=tuple(leaf_modules),
-        concrete_args=concrete_args,
-    )
-    validate.eval_mode_for_export(model, gm.meta.get("fxprune.frontend", frontend), verify)
     grads = None
     if importance == "taylor":
         grads = taylor_grads(copy.deepcopy(model), calibration, loss_fn)
-    res = _prune_graph(
-        gm,
-        example_inputs,
+    options = dict(
         ratio=ratio,
         importance=importance,
         round_to=round_to,
         align=align,
-        ignored=ignored,
         global_ranking=global_ranking,
         target_macs=target_macs,
         verify=verify,
@@ -180,8 +170,24 @@ def prune(
         instruments=instruments,
         check=check,
     )
+    try:
+        gm = trace(work, example_inputs, frontend, tuple(leaf_modules), concrete_args)
+    except TraceError as exc:
+        if frontend != "auto" or concrete_args:
+            raise  # the user chose how to trace: no fallback behind their back
+        res = prune_parts(
+            model, work, example_inputs, _prune_graph, why=exc, ignored=ignored,
+            options=options, leaf_modules=tuple(leaf_modules),
+        )  # fmt: skip
+        return _finish_inplace(model, res, inplace)
+    validate.eval_mode_for_export(model, gm.meta.get("fxprune.frontend", frontend), verify)
+    res = _prune_graph(gm, example_inputs, ignored=ignored, **options)
     res.kept = _user_names(res.kept, model)
     res.trace_options = _trace_options(model, gm, leaf_modules, concrete_args)
+    return _finish_inplace(model, res, inplace)
+
+
+def _finish_inplace(model: nn.Module, res: PruneResult, inplace: bool) -> PruneResult:
     if inplace:
         res.module = become(model, res.module)
     return res

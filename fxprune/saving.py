@@ -93,6 +93,13 @@ def result_files(
         result = _as_prune_result(result, example_inputs)
     if result.example_inputs is None:
         raise SaveError("this PruneResult has no example inputs recorded; prune it again.")
+    if result.trace_options.get("parts"):
+        raise SaveError(
+            "this model was pruned part by part (it cannot be traced whole), and a plan "
+            "replays one traced graph: it cannot be saved as an fxprune result yet. Save "
+            "res.module.state_dict() with safetensors and rebuild the module by pruning the "
+            "original again with the same options (it is deterministic)."
+        )
     tensors, aliases = _dedup_state(result.module)
     return {
         WEIGHTS: st_save(tensors),

@@ -26,6 +26,7 @@ PIPELINES = {
     "fxprune.sparsify",
     "fxprune.saving",
     "fxprune.pretrained",
+    "fxprune.parts",
     "fxprune.models",
     "fxprune.backend",
     "fxprune.masks",
