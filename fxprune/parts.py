@@ -169,7 +169,10 @@ def prune_parts(
             "pruned part by part, where target_macs= and global_ranking=True (which rank "
             "the whole model) cannot apply: use ratio= (and ratios=) instead."
         ) from why
-    calls = record_calls(work, example_inputs)
+    try:
+        calls = record_calls(work, example_inputs)
+    except Exception:  # it does not even run on these inputs: the trace error says why
+        raise why from None
     parts, whole = find_parts(work, calls, leaf_modules)
     if not parts:
         raise PruneError(
@@ -196,6 +199,8 @@ def prune_parts(
         parent, _, name = part.path.rpartition(".")
         setattr(work.get_submodule(parent) if parent else work, name, res.module)
         results.append((part.path, res))
+    if not any(res.kept for _, res in results):
+        raise why  # no part had channels of its own to prune: the trace error says what to fix
     return _whole_result(model, work, example_inputs, results, whole, options)
 
 
