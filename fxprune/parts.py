@@ -18,7 +18,8 @@ trace fine. When ``fxprune.prune`` cannot trace the model, it prunes it by parts
    example inputs (when every pruned group is exact).
 
 Options that need the whole graph (``target_macs=``, ``global_ranking=True``) are refused.
-MACs are counted on a real forward (``torch.utils.flop_counter``), since there is no graph.
+MACs are counted on a real forward (``torch.utils.flop_counter``), since there is no graph;
+the original's on the masked original, which keeps the same detections as the pruned model.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.analysis import IgnoreSpec
 from fxprune.errors import PruneError, TraceError
-from fxprune.oracle import check, inexact_reason
+from fxprune.oracle import check, inexact_reason, masked_original
 from fxprune.report import PruneReport
 from fxprune.trace import ExampleInputs, trace
 
@@ -228,7 +229,9 @@ def _whole_result(model, work, example_inputs, results, whole, options) -> Any:
         verified = report.summary
         max_error = report.max_error if report.exact else None
     report = PruneReport(
-        macs_before=count_macs_by_running(model, example_inputs),
+        # Counted on the masked original: the work a detector's heads do depends on how many
+        # boxes survive NMS, and the masked original finds the boxes the pruned model finds.
+        macs_before=count_macs_by_running(masked_original(model, kept), example_inputs),
         macs_after=count_macs_by_running(work, example_inputs),
         params_before=sum(p.numel() for p in model.parameters()),
         params_after=sum(p.numel() for p in work.parameters()),
