@@ -142,10 +142,16 @@ ALL += (NM_LAYERS, NM_ORIGINAL_WEIGHTS, NM_MASKS, PERMUTATIONS, PERMUTATIONS_SKI
 DEAD_CHANNELS = Artifact(
     "dead_channels", dict, "DeadChannelPass", "{group id: int}: provably dead channels dropped"
 )
+PADDED_CHANNELS = Artifact(
+    "padded_channels",
+    dict,
+    "PadChannelsPass",
+    "{group id: int}: zero channels added to reach a multiple of round_to",
+)
 SEMI_STRUCTURED = Artifact(
     "semi_structured",
     dict,
     "SemiStructuredPass",
     "{param: str}: 2:4 weights converted to semi-structured sparse tensors, or why not",
 )
-ALL += (DEAD_CHANNELS, SEMI_STRUCTURED)
+ALL += (DEAD_CHANNELS, PADDED_CHANNELS, SEMI_STRUCTURED)

@@ -37,11 +37,12 @@ import torch.fx as fx
 from torch import nn
 
 from fxprune.analysis import analysis_passes
-from fxprune.artifacts import DEAD_CHANNELS, OUTPUT_ERROR, SEMI_STRUCTURED
+from fxprune.artifacts import DEAD_CHANNELS, OUTPUT_ERROR, PADDED_CHANNELS, SEMI_STRUCTURED
 from fxprune.ops import callable_name, canonicalize
 from fxprune.pass_infra import Pass, PassContext, PassManager
 from fxprune.passes.dead_channels import DeadChannelPass
 from fxprune.passes.graph_boundary import GraphBoundaryPass
+from fxprune.passes.pad_channels import PadChannelsPass
 from fxprune.passes.plan_channels import PlanChannelsPass
 from fxprune.passes.semi_structured import SemiStructuredPass
 from fxprune.passes.surgery import SurgeryPass
@@ -68,10 +69,25 @@ def eliminate_dead_channels(round_to: int = 1) -> PassManager:
     )
 
 
+def pad_channels(round_to: int = 8) -> PassManager:
+    """Analysis (graph outputs frozen) -> PadChannelsPass: grow channel counts to a multiple
+    of ``round_to`` with zero channels, where that provably keeps the output."""
+    propagate, build_groups = analysis_passes()
+    return PassManager(
+        [propagate, GraphBoundaryPass(), build_groups, PadChannelsPass(round_to)],
+        name="pad_channels",
+    )
+
+
 def lossless_passes(round_to: int = 1, semi_structured: bool = True) -> list[Pass]:
-    """The default passes: dead-channel elimination (with ``round_to`` alignment), then
-    2:4 lowering of weights that already hold the pattern (GPU only)."""
-    return [eliminate_dead_channels(round_to), *([SemiStructuredPass()] if semi_structured else [])]
+    """The default passes: dead-channel elimination (keeping dead channels as padding up to
+    ``round_to``), alignment padding with new zero channels when ``round_to > 1``, then 2:4
+    lowering of weights that already hold the pattern (GPU only)."""
+    return [
+        eliminate_dead_channels(round_to),
+        *([pad_channels(round_to)] if round_to > 1 else []),
+        *([SemiStructuredPass()] if semi_structured else []),
+    ]
 
 
 @dataclass
@@ -89,6 +105,7 @@ class CompiledGraph:
     macs_after: int = 0
     dead_channels: int = 0
     reason: str = ""
+    padded_channels: int = 0
     semi_structured: dict[str, str] = field(default_factory=dict, repr=False)
 
 
@@ -175,6 +192,7 @@ class FxpruneBackend:
             macs_before=macs_before,
             macs_after=graph_macs(gm),
             dead_channels=sum(ctx.get(DEAD_CHANNELS, {}).values()),
+            padded_channels=sum(ctx.get(PADDED_CHANNELS, {}).values()),
             semi_structured=dict(lowered),
         )
         if ctx.get(OUTPUT_ERROR) is not None:

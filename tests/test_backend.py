@@ -12,7 +12,7 @@ from micro_models import randomize
 from torch import nn
 
 import fxprune
-from fxprune.artifacts import DEAD_CHANNELS, GROUPS
+from fxprune.artifacts import DEAD_CHANNELS, GROUPS, PADDED_CHANNELS
 from fxprune.backend import eliminate_dead_channels
 from fxprune.pass_infra import PassContext
 from fxprune.trace import trace
@@ -292,3 +292,73 @@ def test_prune_mask_mode_refuses_options_that_only_a_cut_has():
     with pytest.raises(fxprune.PruneError, match="mode must be one of"):
         fxprune.prune(model, torch.randn(1, 3, 8, 8), mode="masks")
     assert not torch.nn.utils.parametrize.is_parametrized(model.c1)
+
+
+class Narrow(nn.Module):
+    """60 and 12 channels: not multiples of 8; a sigmoid gate on the second block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(3, 60, 3, padding=1), nn.BatchNorm2d(60)
+        self.c2, self.b2 = nn.Conv2d(60, 12, 3, padding=1), nn.BatchNorm2d(12)
+        self.c3 = nn.Conv2d(12, 20, 1)
+        self.fc = nn.Linear(20, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.b1(self.c1(x)))
+        x = torch.sigmoid(
+            self.b2(self.c2(x))
+        )  # sigmoid(0) = 0.5: zero channels would not stay zero
+        x = torch.relu(self.c3(x))
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_alignment_padding_grows_groups_with_zero_channels_and_keeps_the_output():
+    from fxprune.backend import pad_channels
+
+    model = randomize(Narrow().eval())
+    x = torch.randn(2, 3, 8, 8)
+    gm = trace(model, x)
+    with torch.no_grad():
+        ref = model(x)
+    ctx = PassContext(x)
+    pad_channels(8).run(gm, ctx)
+    shapes = {n: tuple(p.shape) for n, p in gm.named_parameters()}
+    assert shapes["c1.weight"] == (64, 3, 3, 3) and shapes["b1.weight"] == (64,)
+    assert shapes["c2.weight"] == (12, 64, 3, 3)  # sigmoid: the 12 stay 12
+    assert shapes["c3.weight"] == (24, 12, 1, 1) and shapes["fc.weight"] == (5, 24)
+    assert gm.get_submodule("c1").out_channels == 64 and gm.get_submodule("b1").num_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), ref, rtol=0, atol=1e-6)
+    assert sorted(ctx[PADDED_CHANNELS].values()) == [4, 4]
+
+
+def test_the_backend_pads_when_asked_and_outputs_stay_equal():
+    model = randomize(Narrow().eval())
+    x = torch.randn(2, 3, 8, 8)
+    rec = Recorder()
+    be = fxprune.backend(then=rec, round_to=8)
+    torch.testing.assert_close(_compiled(model, be, x), model(x), rtol=0, atol=1e-5)
+    assert be.compiled[0].padded_channels == 8
+    assert be.compiled[0].macs_after > be.compiled[0].macs_before  # more work, aligned
+
+
+class Reshaped(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 60, 1), nn.Conv2d(60, 8, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.c1(x))
+        y = y.reshape(y.shape[0], 60, -1).reshape(y.shape)  # a channel count in the graph
+        return self.c2(y)
+
+
+def test_a_group_whose_channel_count_is_written_in_the_graph_is_not_padded():
+    from fxprune.backend import pad_channels
+
+    gm = trace(Reshaped().eval(), torch.randn(1, 3, 4, 4))
+    ctx = PassContext(torch.randn(1, 3, 4, 4))
+    pad_channels(8).run(gm, ctx)
+    assert ctx[PADDED_CHANNELS] == {}
+    assert gm.get_parameter("c1.weight").shape[0] == 60
