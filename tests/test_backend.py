@@ -362,3 +362,51 @@ def test_a_group_whose_channel_count_is_written_in_the_graph_is_not_padded():
     pad_channels(8).run(gm, ctx)
     assert ctx[PADDED_CHANNELS] == {}
     assert gm.get_parameter("c1.weight").shape[0] == 60
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _two_four(model: MLP) -> MLP:
+    """fc1's weight made 2:4 along its input features (the two largest of every four kept)."""
+    with torch.no_grad():
+        w = model.fc1.weight.view(-1, 4)
+        drop = w.abs().argsort(-1)[:, :2]
+        w.scatter_(1, drop, 0)
+    return model
+
+
+def test_two_four_detection():
+    from fxprune.passes.semi_structured import is_two_four
+
+    model = _two_four(MLP())
+    assert is_two_four(model.fc1.weight) and not is_two_four(model.fc2.weight)
+
+
+def test_two_four_lowering_is_skipped_on_cpu_with_the_reason():
+    model = _two_four(MLP()).eval()
+    x = torch.randn(4, 128)
+    be = fxprune.backend(then=Recorder())
+    torch.testing.assert_close(_compiled(model, be, x), model(x), rtol=0, atol=1e-5)
+    reasons = set(be.compiled[0].semi_structured.values())
+    assert reasons == {"the weight is not on a CUDA GPU (2:4 kernels need one)"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (2:4 kernels)")
+def test_two_four_weights_are_lowered_to_semi_structured_tensors_on_a_gpu():
+    model = _two_four(MLP()).eval().half().cuda()
+    x = torch.randn(64, 128, dtype=torch.float16, device="cuda")
+    be = fxprune.backend(then="eager")
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, backend=be)(x)
+    reasons = sorted(be.compiled[0].semi_structured.values())  # keyed by Dynamo's names
+    assert reasons[0] == "converted" and reasons[1].startswith("not 2:4"), reasons
+    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
