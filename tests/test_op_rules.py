@@ -170,6 +170,10 @@ ROWS = [
     # addmm with an [in, out] weight (transformers' Conv1D): dim 0 reads, dim 1 makes channels
     Row("addmm_conv1d", Net(lambda m, x: m.c(torch.addmm(m.b, m.a(x).view(-1, 8), m.w).view(1, 5, 6)), TOKENS, a=lin(6, 8), w=nn.Parameter(torch.randn(8, 6)), b=nn.Parameter(torch.randn(6)), c=lin(6, 2)), together=("a.weight:0", "a.bias:0", "w:0"), apart=("w:0", "w:1")),
     Row("addmm_conv1d_out", Net(lambda m, x: m.c(torch.addmm(m.b, m.a(x).view(-1, 8), m.w).view(1, 5, 6)), TOKENS, a=lin(6, 8), w=nn.Parameter(torch.randn(8, 6)), b=nn.Parameter(torch.randn(6)), c=lin(6, 2)), together=("w:1", "b:0", "c.weight:1"), size=6),
+    # a linear over tokens with channels on a leading dim (gMLP's spatial gate): channels pass
+    # through row by row; the weight indexes tokens and stays whole; its bias makes pruned rows non-zero
+    Row("linear_over_tokens", Net(lambda m, x: m.c(m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C, frozen={"op.weight:0": "untracked", "op.weight:1": "untracked"}, inexact={"a.weight:0": NONZERO}),
+    Row("linear_over_tokens_gated", Net(lambda m, x: m.c(m.a(x) * m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C),
     # embedding: the embedding dim is a source of channels
     Row("embedding", Net(lambda m, x: m.c(m.e(x)), (1, 5), 10, e=nn.Embedding(10, 8), c=lin(8, 2)), together=("e.weight:1", "c.weight:1"), size=8),
     # -- normalisation -------------------------------------------------------------------------------

@@ -482,3 +482,23 @@ def test_a_chunked_group_keeps_its_share_in_every_piece():
     kept = res.kept["cv1.weight"][0]
     assert int((kept < 16).sum()) == 8 and int((kept >= 16).sum()) == 8
     assert res.report.verified == "outputs equal the masked original"
+
+
+class SpatialGate(torch.nn.Module):
+    """gMLP's gate in small: u * proj(v over tokens), channels on dim 2 of (B, N, C)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.proj, self.fc2 = nn.Linear(6, 32), nn.Linear(5, 5), nn.Linear(16, 4)
+
+    def forward(self, x):
+        u, v = self.fc1(x).chunk(2, dim=-1)
+        return self.fc2(u * self.proj(v.transpose(-1, -2)).transpose(-1, -2))
+
+
+def test_a_linear_over_tokens_passes_channels_through_and_prunes_exactly():
+    model = randomize(SpatialGate())
+    x = torch.randn(2, 5, 6)
+    res = fxprune.prune(model, x, ratio=0.5, round_to=4)
+    assert len(res.kept["fc1.weight"][0]) == 16 and "proj.weight" not in res.kept
+    assert res.report.verified == "outputs equal the masked original"

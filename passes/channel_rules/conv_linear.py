@@ -281,6 +281,8 @@ def linear(op: CanonicalOp, env: ChannelEnv):
     out_shape = env.shape(op.node)
     if w is None or lay is None or shape is None or out_shape is None:
         return default_rule(op, env)
+    if _rows_carry_channels(lay):
+        return _per_row_linear(op, env, fqn, w, lay)
     xa = env.dim_atoms(lay, shape, len(shape) - 1)
     if not lay.zero:
         env.inexact(xa, "linear reads channels that are non-zero when pruned")
@@ -320,6 +322,25 @@ def addmm(op: CanonicalOp, env: ChannelEnv):
     out = env.param_dim(fqn, 1, w.shape[1])
     _bind_bias(op, env, out)
     return Layout.along(out, 1, 2)
+
+
+def _rows_carry_channels(lay: Layout) -> bool:
+    """Channels on a leading dim, the last dim (what the linear reads) not a channel dim:
+    gMLP's spatial gate, a linear over tokens of a (batch, channels, tokens) tensor."""
+    a = lay.atoms
+    return a.ndim >= 2 and a.shape[-1] == 1 and any(n > 1 for n in a.shape[:-1])
+
+
+def _per_row_linear(op: CanonicalOp, env: ChannelEnv, fqn: str, w: torch.Tensor, lay: Layout):
+    """Each row (one channel) is mapped on its own: the channels pass through; the weight's
+    rows and columns index tokens, not channels, and stay whole. A bias makes a pruned
+    (zero) row non-zero."""
+    untracked = np.full(w.shape[1], -1, dtype=np.int64)
+    env.param_dim(fqn, 1, w.shape[1], bind=untracked)
+    env.param_dim(fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1, dtype=np.int64))
+    if isinstance(op.attrs.bias, ParamRef):
+        env.param_dim(op.attrs.bias.fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1))
+    return Layout(lay.atoms, lay.zero and op.attrs.bias is None)
 
 
 @op_spec(
