@@ -181,6 +181,19 @@ class SEBlock(nn.Module):
         return self.c(y * s)
 
 
+class ShiftedWindows(nn.Module):
+    """Swin's cyclic shift: torch.roll over H and W, channels untouched."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        return self.c(torch.roll(y, shifts=(-1, 1), dims=(2, 3)) + y)
+
+
 class MatmulAttention(nn.Module):
     """Self-attention written by hand: q @ k^T / sqrt(d), softmax, @ v."""
 
@@ -353,6 +366,7 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "pixel_shuffle": (PixelShuffle().eval(), img),
         "grouped_after_residual": (GroupedAfterResidual().eval(), img),
         "se_block": (SEBlock().eval(), img),
+        "shifted_windows": (ShiftedWindows().eval(), img),
         "matmul_attention": (MatmulAttention().eval(), seq),
         "sdpa": (SDPAAttention().eval(), seq),
         "mha": (MHA().eval(), torch.randn(2, 6, 8)),
@@ -380,6 +394,7 @@ EXPECTED_EXACT: dict[str, bool] = {
     "pixel_shuffle": True,
     "grouped_after_residual": True,
     "se_block": True,  # the mean is over H, W, not over channels
+    "shifted_windows": True,  # roll moves pixels, never channels
     "matmul_attention": True,  # softmax over keys; head_dim only enters q·k and attn·v sums
     "sdpa": True,
     "mha": True,

@@ -174,6 +174,9 @@ ROWS = [
     # through row by row; the weight indexes tokens and stays whole; its bias makes pruned rows non-zero
     Row("linear_over_tokens", Net(lambda m, x: m.c(m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C, frozen={"op.weight:0": "untracked", "op.weight:1": "untracked"}, inexact={"a.weight:0": NONZERO}),
     Row("linear_over_tokens_gated", Net(lambda m, x: m.c(m.a(x) * m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C),
+    # roll: over H and W (Swin's shifted windows) channels pass; over the channel dim they stay
+    Row("roll_spatial", img(lambda x: torch.roll(x, shifts=(1, 2), dims=(2, 3))), together=A_C),
+    Row("roll_channels", img(lambda x: torch.roll(x, shifts=1, dims=1)), frozen={"a.weight:0": "roll along a channel dim"}),
     # embedding: the embedding dim is a source of channels
     Row("embedding", Net(lambda m, x: m.c(m.e(x)), (1, 5), 10, e=nn.Embedding(10, 8), c=lin(8, 2)), together=("e.weight:1", "c.weight:1"), size=8),
     # -- normalisation -------------------------------------------------------------------------------

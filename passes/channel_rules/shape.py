@@ -604,3 +604,26 @@ def pixel_shuffle(op: CanonicalOp, env: ChannelEnv):
     else:
         out = np.repeat(xa, r * r)
     return Layout.along(env.table.find(out), cdim, len(out_shape), lay.zero)
+
+
+@dataclass(frozen=True)
+class RollAttrs(Attrs):
+    dims: tuple[int, ...]  # the dims rolled; () rolls the flattened tensor
+
+
+def _roll_view(op: CanonicalOp) -> CanonicalOp:
+    dims = op.arg(2, "dims", ())
+    dims = tuple(dims) if isinstance(dims, (list, tuple)) else (dims,)
+    return op.with_(inputs=op.inputs[:1], attrs=RollAttrs(dims))
+
+
+@op_spec("roll", ops=("roll",), view=_roll_view)
+def roll(op: CanonicalOp, env: ChannelEnv):
+    """``torch.roll``: rolling H and W (Swin's shifted windows) moves pixels, never channels."""
+    lay, shape = env.layout(op.inputs[0]), env.shape(op.inputs[0])
+    if lay is None or shape is None or not op.attrs.dims:
+        return default_rule(op, env)  # a roll of the flattened tensor mixes everything
+    if any(lay.atoms.shape[normalize_dim(d, len(shape))] > 1 for d in op.attrs.dims):
+        env.freeze_layout(lay, "roll along a channel dim")
+        return env.untracked(op.node)
+    return lay
