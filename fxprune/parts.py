@@ -32,12 +32,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune.analysis import IgnoreSpec
 from fxprune.errors import PruneError, TraceError
 from fxprune.oracle import check, inexact_reason, masked_original
-from fxprune.report import PruneReport
+from fxprune.report import PruneReport, count_macs_by_running
 from fxprune.trace import ExampleInputs, trace
 
 logger = logging.getLogger(__name__)
@@ -141,14 +140,6 @@ def _names_inside(options: dict[str, Any], path: str) -> dict[str, Any]:
             cut = len(path) + 1
             out[key] = {n[cut:]: v for n, v in named.items() if n.startswith(path + ".")}
     return out
-
-
-def count_macs_by_running(model: nn.Module, example_inputs: Any) -> int:
-    """Multiply-accumulates of one real forward (flops / 2, ``torch.utils.flop_counter``)."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        ExampleInputs.of(example_inputs).call(model)
-    return counter.get_total_flops() // 2
 
 
 def prune_parts(

@@ -14,12 +14,15 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from fxprune import meta
+from fxprune.errors import TraceError
 from fxprune.ops import canonicalize
-from fxprune.trace import trace
+from fxprune.trace import ExampleInputs, trace
 
 logger = logging.getLogger(__name__)
 
@@ -30,13 +33,34 @@ def count_macs(module: nn.Module, example_inputs: Any = None) -> int:
     """Multiply-accumulates of one forward pass of ``module`` on ``example_inputs``.
 
     A GraphModule traced by fxprune is counted from its recorded shapes; any other
-    module is traced first (which needs ``example_inputs``).
+    module is traced first (which needs ``example_inputs``). A module that cannot be
+    traced whole (a detector) is counted on one real forward instead
+    (:func:`count_macs_by_running`), which says so in the log.
     """
     if isinstance(module, fx.GraphModule) and example_inputs is None:
         return graph_macs(module)
     if example_inputs is None:
         raise ValueError("count_macs needs example_inputs to trace a plain nn.Module.")
-    return graph_macs(trace(module, example_inputs))
+    try:
+        gm = trace(module, example_inputs)
+    except TraceError as exc:
+        logger.info(
+            "count_macs: %s cannot be traced (%s); counting one real forward",
+            type(module).__name__,
+            str(exc).splitlines()[0],
+        )
+        return count_macs_by_running(module, example_inputs)
+    return graph_macs(gm)
+
+
+def count_macs_by_running(module: nn.Module, example_inputs: Any) -> int:
+    """Multiply-accumulates of one real forward (flops / 2, ``torch.utils.flop_counter``):
+    what a model that cannot be traced costs on these inputs (a detector's heads do work
+    per box kept, so the count depends on the image)."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        ExampleInputs.of(example_inputs).call(module)
+    return counter.get_total_flops() // 2
 
 
 def graph_macs(gm: fx.GraphModule, shape: ShapeFn | None = None) -> int:

@@ -89,3 +89,10 @@ def test_a_result_pruned_by_parts_is_not_saved_as_a_plan(tmp_path):
     with pytest.raises(fxprune.FxpruneError, match="part by part"):
         fxprune.save(res, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_count_macs_counts_an_untraceable_model_on_a_real_forward():
+    model = randomize(Detectorish())
+    macs = fxprune.count_macs(model, _images())
+    conv = 16 * 16 * 2 * (3 * 16 * 9 + 16 * 32 * 9 + 32 * 32 * 9 + 32 * 4)  # 2 images, 16x16
+    assert macs == conv
