@@ -148,15 +148,29 @@ _TEXT = dict(vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention
 _DECODER = dict(_TEXT, intermediate_size=128, num_key_value_heads=2, pad_token_id=0)
 _VISION = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
 TRANSFORMERS_MODELS: dict[str, tuple[str, dict[str, Any], str]] = {
-    "bert": ("BertModel", dict(_TEXT, intermediate_size=128), "text"),
-    "roberta": ("RobertaModel", dict(_TEXT, intermediate_size=128, pad_token_id=1), "text"),
+    # Encoders with a classification head, as they are deployed: the residual stream is then
+    # internal (a base model returns it, so it would stay whole as the model's output).
+    "bert": ("BertForSequenceClassification", dict(_TEXT, intermediate_size=128), "text"),
+    "roberta": (
+        "RobertaForSequenceClassification",
+        dict(_TEXT, intermediate_size=128, pad_token_id=1),
+        "text",
+    ),
     "distilbert": (
-        "DistilBertModel",
+        "DistilBertForSequenceClassification",
         dict(vocab_size=1000, dim=64, n_layers=2, n_heads=4, hidden_dim=128),
         "text",
     ),
-    "albert": ("AlbertModel", dict(_TEXT, intermediate_size=128, embedding_size=32), "text"),
-    "electra": ("ElectraModel", dict(_TEXT, intermediate_size=128, embedding_size=64), "text"),
+    "albert": (
+        "AlbertForSequenceClassification",
+        dict(_TEXT, intermediate_size=128, embedding_size=32),
+        "text",
+    ),
+    "electra": (
+        "ElectraForSequenceClassification",
+        dict(_TEXT, intermediate_size=128, embedding_size=64),
+        "text",
+    ),
     "gpt2": (
         "GPT2LMHeadModel",
         dict(
@@ -1116,6 +1130,8 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
         data["environment"].setdefault("resumed", []).append(environment(args))
     data.setdefault("skipped_zoos", {}).update(skipped)
     done = {r["model"] for r in data["results"] if not (args.retry_failed and failed(r))}
+    if args.again:
+        done -= set(keys)
     bar = tqdm(keys, desc="zoo", unit="model")
     for key in bar:
         if key in done:
@@ -1409,6 +1425,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", default=str(ROOT / "docs" / "zoo.json"))
     parser.add_argument("--md", help="Markdown report (default: --out with .md)")
     parser.add_argument("--resume", action="store_true", help="skip models already in --out")
+    parser.add_argument(
+        "--again",
+        action="store_true",
+        help="with --resume: run the selected models again, replacing their records",
+    )
     parser.add_argument(
         "--retry-failed",
         action="store_true",

@@ -131,6 +131,47 @@ def ort_feed(
     return feed
 
 
+def _is_tensor(x: Any) -> bool:
+    return isinstance(x, torch.Tensor)
+
+
+def _keyed_outputs(outputs: Any) -> bool:
+    """Whether the exporter can flatten ``outputs`` with key paths (it needs them)."""
+    try:
+        pytree.tree_flatten_with_path(outputs)
+    except ValueError:
+        return False
+    return True
+
+
+class _TensorOutputs(nn.Module):
+    """``module`` returning its output's tensors as a tuple: for output containers the
+    exporter cannot flatten (registered with pytree but without key paths)."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return tuple(t for _, t in flatten_outputs(self.module(*args, **kwargs)))
+
+
+def _tensor_outputs(module: nn.Module) -> nn.Module:
+    """A :class:`_TensorOutputs` whose ``forward`` has ``module``'s signature, which the
+    exporter matches inputs and dynamic shapes against."""
+    sig = inspect.signature(module.forward)
+    this = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+    def forward(self, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, ...]:
+        return _TensorOutputs.forward(self, *args, **kwargs)
+
+    forward.__signature__ = sig.replace(parameters=[this, *sig.parameters.values()])
+    cls = type(f"{type(module).__name__}TensorOutputs", (_TensorOutputs,), {"forward": forward})
+    wrapper = cls(module)
+    wrapper.training = False  # its own flag only: the module inside keeps its mode
+    return wrapper
+
+
 def flatten_outputs(outputs: Any) -> list[tuple[str, torch.Tensor]]:
     """Tensor leaves of a model output (tensor, tuple, dict, ModelOutput) with readable names.
 
@@ -139,6 +180,9 @@ def flatten_outputs(outputs: Any) -> list[tuple[str, torch.Tensor]]:
     """
     if isinstance(outputs, torch.Tensor):
         return [("output", outputs)]
+    if not _keyed_outputs(outputs):  # a container registered without key paths (diffusers)
+        leaves = pytree.tree_flatten(outputs)[0]
+        return [(f"output.{i}", t) for i, t in enumerate(x for x in leaves if _is_tensor(x))]
     leaves, _ = pytree.tree_flatten_with_path(outputs)
     named = []
     for key_path, leaf in leaves:
@@ -328,7 +372,10 @@ def to_onnx(
 
     module = eval_version(module)
     with torch.no_grad():
-        reference = flatten_outputs(module(*args, **kwargs))
+        raw = module(*args, **kwargs)
+        reference = flatten_outputs(raw)
+    if not _keyed_outputs(raw):
+        module = _tensor_outputs(module)
     if not reference:
         raise ExportError(f"{type(module).__name__} returns no tensors; nothing to export")
     if fp16:

@@ -356,3 +356,30 @@ def test_engine_inspector_reports_sparse_tactics(tmp_path):
     # it reports as sparse must be one that the inspector marked so.
     sparse = {layer.name for layer in result.layers if layer.sparse}
     assert set(result.sparse_layers) == sparse
+
+
+def test_outputs_the_exporter_cannot_key_are_exported_as_a_tuple(tmp_path):
+    """A container registered with pytree but without key paths (diffusers' outputs)."""
+    from dataclasses import dataclass as _dc
+
+    @_dc
+    class Out:
+        sample: torch.Tensor
+
+    torch.utils._pytree.register_pytree_node(
+        Out, lambda o: ([o.sample], None), lambda xs, _: Out(xs[0])
+    )
+    try:
+
+        class Net(nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.conv = nn.Conv2d(3, 4, 3)
+
+            def forward(self, x, scale: float = 1.0):
+                return Out(self.conv(x) * scale)
+
+        res = to_onnx(Net().eval(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+        assert res.output_names == ["output.0"] and res.max_abs_err < 1e-5
+    finally:
+        torch.utils._pytree._deregister_pytree_node(Out)
