@@ -158,6 +158,9 @@ class OpSpec:
     macs: Callable[..., int] | None = None
     mode_args: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     same_value: tuple[str, ...] = ()
+    # Module classes of optional libraries, by "module.QualName" (no import of the library),
+    # traced as leaves (one call_module node) so the spec sees the whole module.
+    leaf_modules: tuple[str, ...] = ()
 
     def __repr__(self) -> str:
         return f"OpSpec({self.kind!r})"
@@ -187,6 +190,10 @@ def _resolve(name: str) -> list[Any]:
     return found
 
 
+def _class_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 class OpRegistry:
     """Specs by target identity: module class, function object / aten packet, method name."""
 
@@ -198,6 +205,7 @@ class OpRegistry:
         self.kinds: dict[str, OpSpec] = {}
         self.mode_args: dict[Any, frozenset[str]] = {}  # function / aten packet -> names
         self.same_value: set[Any] = set()
+        self.leaf_names: dict[str, OpSpec] = {}  # "module.QualName" -> spec, traced as leaves
         self.loaded_by: str | None = None
 
     def register(self, spec: OpSpec) -> OpSpec:
@@ -219,7 +227,13 @@ class OpRegistry:
                 self.mode_args[fn] = frozenset(args)
         for name in spec.same_value:
             self.same_value.update(_resolve(name))
+        for name in spec.leaf_modules:
+            self._put(self.leaf_names, name, spec)
         return spec
+
+    def is_leaf(self, mod: nn.Module) -> bool:
+        """Whether a spec declares ``mod``'s class a leaf (fx must not trace into it)."""
+        return _class_name(type(mod)) in self.leaf_names
 
     @staticmethod
     def _put(table: dict, key: Any, value: Any) -> None:
@@ -239,6 +253,9 @@ class OpRegistry:
         return spec
 
     def for_module(self, mod: nn.Module) -> OpSpec | None:
+        named = self.leaf_names.get(_class_name(type(mod)))
+        if named is not None:
+            return named
         for cls in type(mod).__mro__:
             entry = self.modules.get(cls)
             if entry is None:

@@ -30,6 +30,7 @@ from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from fxprune.errors import TraceError
 from fxprune.graph_modes import graph_mode, in_mode, make_switchable, record_modes
+from fxprune.ops import REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -175,6 +176,8 @@ class _Tracer(fx.Tracer):
         if id(m) in self._leaf_ids or qualname in self._leaf_names:
             return True
         if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if REGISTRY.is_leaf(m):  # a library module an op spec declares whole (timm std convs)
             return True
         return super().is_leaf_module(m, qualname)
 

@@ -502,3 +502,32 @@ def test_a_linear_over_tokens_passes_channels_through_and_prunes_exactly():
     res = fxprune.prune(model, x, ratio=0.5, round_to=4)
     assert len(res.kept["fc1.weight"][0]) == 16 and "proj.weight" not in res.kept
     assert res.report.verified == "outputs equal the masked original"
+
+
+def test_weight_standardised_convs_prune_their_outputs_exactly_and_inputs_inexactly():
+    timm_std = pytest.importorskip("timm.layers.std_conv")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = timm_std.ScaledStdConv2d(3, 16, 3, padding=1)
+            self.b = timm_std.ScaledStdConv2d(16, 16, 3, padding=1)
+            self.c = nn.Conv2d(16, 4, 1)
+
+        def forward(self, x):
+            return self.c(torch.relu(self.b(torch.relu(self.a(x)))))
+
+    model = Net().eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(1, 3, 8, 8)
+    only_b = fxprune.prune(model, x, ratio=0.5, ignore=[model.a])  # b rows: read by c only
+    assert len(only_b.kept["b.weight"][0]) == 8 and len(only_b.kept["b.gain"][0]) == 8
+    assert only_b.report.verified == "outputs equal the masked original"
+    assert (
+        isinstance(only_b.module.b, timm_std.ScaledStdConv2d) and only_b.module.b.out_channels == 8
+    )
+    both = fxprune.prune(model, x, ratio=0.5)
+    assert "weight standardisation" in both.report.verified
+    assert both.module(torch.randn(3, 3, 8, 8)).shape == (3, 4, 8, 8)

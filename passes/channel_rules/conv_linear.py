@@ -237,6 +237,48 @@ def conv(op: CanonicalOp, env: ChannelEnv):
     return Layout.along(out, cdim, len(out_shape))
 
 
+_STD_CONVS = tuple(
+    f"timm.layers.std_conv.{name}"
+    for name in ("StdConv2d", "StdConv2dSame", "ScaledStdConv2d", "ScaledStdConv2dSame")
+)
+
+
+def _std_conv_view(op: CanonicalOp) -> CanonicalOp:
+    mod = op.module
+    attrs = WeightAttrs(module_param(op, "weight"), module_param(op, "bias"), mod.groups)
+    return op.with_(name="conv", attrs=attrs)
+
+
+@op_spec(
+    "conv",
+    leaf_modules=_STD_CONVS,
+    view=_std_conv_view,
+    rewrite=_update_conv_module,
+    macs=_conv_macs,
+)
+def std_conv(op: CanonicalOp, env: ChannelEnv):
+    """timm's weight-standardised convs (NFNets, BiT): each filter is standardised over its
+    input positions before the conv, so an output channel is its own (exact), while an
+    input channel enters every filter's mean and variance (inexact); ``gain`` scales each
+    output channel."""
+    out = conv(op, env)
+    if not isinstance(out, Layout) or not out.is_tracked():
+        return out
+    x = op.inputs[0]
+    lay, shape = env.layout(x), env.shape(x)
+    if lay is not None and shape is not None and lay.is_tracked():
+        cdim = len(shape) - 3
+        env.inexact(
+            env.dim_atoms(lay, shape, cdim),
+            "weight standardisation normalises each filter over its input channels",
+        )
+    gain = module_param(op, "gain")
+    if isinstance(gain, ParamRef):
+        rows = env.dim_atoms(out, env.shape(op.node), len(env.shape(op.node)) - 3)
+        env.param_dim(gain.fqn, 0, len(rows), bind=rows)
+    return out
+
+
 @op_spec(
     "conv_transpose",
     modules=(nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d),
