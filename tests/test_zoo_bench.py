@@ -78,7 +78,10 @@ def test_each_model_gets_a_record_with_both_tools_and_onnx(sweep):
     assert tp["macs_before"] == fx["macs_before"]  # one counter for both tools
     assert resnet["onnx"]["status"] == "ok" and resnet["onnx"]["ort_max_abs_err"] < 1e-3
     bert = results["transformers:bert"]
-    assert bert["fxprune"]["status"] == "ok" and bert["heads"] == ["BertPooler"]
+    assert bert["fxprune"]["status"] == "ok" and bert["heads"] == [
+        "BertPooler",
+        "Linear",
+    ]  # pooler, classifier
     assert bert["fxprune"]["frontend"].startswith("export")
     assert "num_heads given" in bert["torch_pruning"]["notes"][0]
 
