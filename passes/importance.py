@@ -51,9 +51,11 @@ def _slice_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
 
 
 def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> torch.Tensor:
+    """Per-position values summed into the group's channels; scores live on the CPU, with
+    the rest of the channel bookkeeping, whatever device the weights are on."""
     out = torch.zeros(size, dtype=torch.float64)
     sel = index_map >= 0
-    out.index_add_(0, index_map[sel], values[sel].double())
+    out.index_add_(0, index_map[sel], values.detach().to("cpu", torch.float64)[sel])
     return out
 
 
@@ -103,7 +105,7 @@ class ImportancePass(Pass):
 
     def group_scores(self, g: PruneGroup, params: dict[str, torch.Tensor], gen) -> torch.Tensor:
         if callable(self.importance):
-            s = torch.as_tensor(self.importance(g, params), dtype=torch.float64)
+            s = torch.as_tensor(self.importance(g, params), dtype=torch.float64).cpu()
             if s.shape != (g.size,):
                 raise PruneError(
                     f"custom importance returned shape {tuple(s.shape)} for group {g.id}, "
@@ -168,7 +170,7 @@ class ImportancePass(Pass):
         t = params.get(m.param) if m is not None else None
         if t is None:
             return torch.zeros(g.size, dtype=torch.float64)
-        rows = t.detach().double().transpose(0, m.dim).reshape(t.shape[m.dim], -1)
+        rows = t.detach().to("cpu", torch.float64).transpose(0, m.dim).reshape(t.shape[m.dim], -1)
         feats = torch.zeros(g.size, rows.shape[1], dtype=torch.float64)
         sel = m.index_map >= 0
         feats.index_add_(0, m.index_map[sel], rows[sel])

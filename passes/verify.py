@@ -28,13 +28,13 @@ from fxprune.artifacts import (
 )
 from fxprune.errors import VerificationError
 from fxprune.oracle import (
-    TOLERANCE,
     check,
     check_snapshot,
     eval_flags,
     first_divergence,
     float_outputs,
     max_error,
+    outputs_tolerance,
     snapshot,
 )
 from fxprune.pass_infra import Pass, PassContext, PassResult
@@ -115,9 +115,10 @@ class SameOutputsPass(Pass):
         self.what = what
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        reference = ctx[REFERENCE_OUTPUTS]
         with eval_flags(gm):
-            err, scale = max_error(ctx[REFERENCE_OUTPUTS], float_outputs(gm, ctx.example_inputs))
-        if not err <= TOLERANCE * max(scale, 1.0):
+            err, scale = max_error(reference, float_outputs(gm, ctx.example_inputs))
+        if not err <= outputs_tolerance(reference) * max(scale, 1.0):
             raise VerificationError(f"{self.what} differs from the original by {err:.3e}")
         ctx[OUTPUT_ERROR] = err
         return PassResult(gm, False)

@@ -35,6 +35,20 @@ def members(group) -> dict[str, list[int]]:
     return {f"{m.param}:{m.dim}": m.index_map.tolist() for m in group.members}
 
 
+NO_GPU = "needs an NVIDIA GPU with CUDA (none here; CI never has one): run `pytest -m gpu` there"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` skip without CUDA, with the marker's own reason when it gives one
+    (``@pytest.mark.gpu(reason=...)``), so that ``pytest -m gpu`` selects all of them."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason", NO_GPU)))
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

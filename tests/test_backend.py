@@ -398,8 +398,7 @@ def test_two_four_lowering_is_skipped_on_cpu_with_the_reason():
     assert reasons == {"the weight is not on a CUDA GPU (2:4 kernels need one)"}
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (2:4 kernels)")
+@pytest.mark.gpu(reason="needs an NVIDIA GPU (2:4 kernels)")
 def test_two_four_weights_are_lowered_to_semi_structured_tensors_on_a_gpu():
     model = _two_four(MLP()).eval().half().cuda()
     x = torch.randn(64, 128, dtype=torch.float16, device="cuda")

@@ -27,7 +27,7 @@ needs_trt_builder = pytest.mark.skipif(
     not (HAS_RTX or (HAS_TRT and HAS_GPU)),
     reason="needs tensorrt_rtx (CPU-only builds) or tensorrt with a GPU",
 )
-gpu = pytest.mark.skipif(not HAS_GPU, reason=NEEDS_GPU)
+gpu = pytest.mark.gpu(reason=NEEDS_GPU)
 
 
 class SmallCNN(nn.Module):

@@ -16,6 +16,7 @@ from fxprune.export import build_engine, to_onnx
 
 HAS_RTX = importlib.util.find_spec("tensorrt_rtx") is not None
 HAS_GPU = torch.cuda.is_available()
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 needs_builder = pytest.mark.skipif(
     not HAS_RTX, reason="needs tensorrt_rtx (pip install 'fxprune[trt-rtx]')"
 )
@@ -101,8 +102,9 @@ def test_engine_from_2_4_sparse_model(tmp_path):
     assert eng.sparse_weights and (tmp_path / "s.engine").exists()
 
 
+@pytest.mark.gpu(reason="needs an NVIDIA GPU: sparse kernels are chosen and timed only on one")
 @pytest.mark.skipif(
-    not HAS_GPU, reason="needs an NVIDIA GPU: sparse kernels are chosen and timed only on one"
+    not HAS_TRT, reason="needs NVIDIA's tensorrt (runs engines; tensorrt_rtx only builds them)"
 )
 def test_sparse_engine_picks_sparse_kernels_on_gpu(tmp_path):
     model = randomize(torchvision.models.resnet50())

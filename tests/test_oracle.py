@@ -244,3 +244,37 @@ def test_the_oracle_refuses_a_reference_written_in_place_during_pruning(monkeypa
     model = randomize(Residual())
     with pytest.raises(VerificationError, match=r"was modified in place while pruning"):
         fxprune.prune(model, torch.randn(*IMG), ratio=0.5)
+
+
+def test_tolerance_is_1e4_in_float32_and_a_few_ulps_in_half_precision():
+    from fxprune.oracle import tolerance
+
+    assert tolerance(torch.float32) == tolerance(torch.float64) == 1e-4
+    assert tolerance(torch.float16) == 8 * torch.finfo(torch.float16).eps
+    assert tolerance(torch.bfloat16) == 8 * torch.finfo(torch.bfloat16).eps
+
+
+def test_the_oracle_compares_in_exact_float32_and_restores_the_tf32_flags():
+    from fxprune.oracle import exact_float32
+
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        with exact_float32():
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
+def test_bfloat16_result_passes_the_oracle_and_a_corrupted_one_still_fails():
+    model = randomize(Residual()).to(torch.bfloat16)
+    x = torch.randn(*IMG, dtype=torch.bfloat16)
+    res = fxprune.prune(model, x, ratio=0.5)  # verify=True at bf16's tolerance
+    report = fxprune.verify(model, res, x)
+    assert report.exact
+    with torch.no_grad():
+        res.module.conv1.weight[0] += 1.0
+    with pytest.raises(VerificationError, match=r"conv1\.weight"):
+        fxprune.verify(model, res, x)
