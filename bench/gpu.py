@@ -662,6 +662,7 @@ def section_models(s: Settings, deadline: Deadline, compiled: bool = False) -> d
     else:
         modes = ("eager", "cuda graph") if s.device.startswith("cuda") else ("eager",)
     results = []
+    lost = ""  # after an error that poisons the CUDA context, nothing else runs here
     for b in build_models(s):
         if deadline.passed():
             results.append({"model": b.name, "skipped": "the run's time budget was spent"})
@@ -678,6 +679,9 @@ def section_models(s: Settings, deadline: Deadline, compiled: bool = False) -> d
                 if deadline.left() < (s.compile_reserve if compiled else 0):
                     record["batches"].append({**row, "skipped": "the run's time budget was spent"})
                     continue
+                if lost:
+                    record["batches"].append({**row, "skipped": lost})
+                    continue
                 try:
                     with sdpa_backends():
                         row.update(time_models(runnable, batch, b.example, s, dtype, mode, record))
@@ -686,6 +690,8 @@ def section_models(s: Settings, deadline: Deadline, compiled: bool = False) -> d
                         torch.cuda.empty_cache()
                 except Exception as exc:
                     row["error"] = _error(exc)
+                    if type(exc).__name__ == "AcceleratorError":
+                        lost = f"not run: the CUDA context was lost ({type(exc).__name__})"
                 record["batches"].append(row)
                 _progress(f"models {b.name} batch {batch} {mode}", row)
         results.append(record)
@@ -701,26 +707,16 @@ def sdpa_backends() -> contextlib.AbstractContextManager:
     return sdpa_kernel(backends)
 
 
-def cuda_graphed(module: nn.Module, example: torch.Tensor) -> Callable:
-    """``module`` captured in a CUDA graph: a call copies its input in and replays, so the
-    time is the GPU's, without Python's and the launches' overhead (what serving stacks do)."""
-    static_in = example.clone()
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream), torch.inference_mode():
-        for _ in range(3):  # cuDNN's algorithm search and the allocator, before capture
-            module(static_in)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        static_out = module(static_in)
+def cuda_graphed(module: nn.Module) -> Callable:
+    """``module`` replayed as CUDA graphs of its eager kernels (Dynamo's "cudagraphs" backend:
+    no Inductor, no fusion): the time is the GPU's, without Python's and the launches'
+    overhead, as serving stacks run it.
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        static_in.copy_(x)
-        graph.replay()
-        return static_out
-
-    return run
+    A hand-made ``torch.cuda.CUDAGraph`` per variant was tried first (H200, torch 2.11):
+    the second batch's capture hit an illegal memory access once the first batch's graphs
+    were freed, which is the kind of pool and workspace bookkeeping PyTorch's cudagraph
+    trees do (``mode="reduce-overhead"`` ran every batch in that same run)."""
+    return torch.compile(module, backend="cudagraphs", dynamic=False)
 
 
 def _compile_batches(s: Settings) -> tuple:
@@ -752,7 +748,7 @@ def time_models(
         start = time.monotonic()
         with torch.inference_mode():
             if mode == "cuda graph":
-                fn = cuda_graphed(on_device, inputs[0])
+                fn = cuda_graphed(on_device)
             else:
                 fn = _compiled(on_device, s) if mode == "compile" else on_device
             out = fn(inputs[0])[:2]  # the reference runs on the CPU: two samples suffice
