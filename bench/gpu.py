@@ -65,6 +65,7 @@ from torch import nn
 
 import fxprune
 from fxprune.files import write_bytes_atomic
+from fxprune.oracle import allow_tf32
 from fxprune.passes.semi_structured import SemiStructuredPass, is_two_four
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the harness's neighbours
@@ -307,16 +308,6 @@ def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-@contextlib.contextmanager
-def tf32(enabled: bool) -> Iterator[None]:
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
-
-
 # -- env -----------------------------------------------------------------------------------------
 
 
@@ -466,7 +457,7 @@ def staircase_window(
 
 def _fp32_reference(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     ref = copy.deepcopy(module).float()
-    with tf32(False):
+    with allow_tf32(False):
         return ref(x.float())
 
 
@@ -491,14 +482,14 @@ def section_staircase(s: Settings, deadline: Deadline, compiled: bool = False) -
     for op in stair_ops(s):
         windows = op.windows[: s.compile_windows] if compiled else op.windows
         for label, counts in windows:
-            for dname, (dtype, allow_tf32) in dtypes.items():
+            for dname, (dtype, use_tf32) in dtypes.items():
                 row = {"op": op.name, "window": label, "dtype": dname, "compiled": compiled}
                 if deadline.passed():
                     results.append({**row, "skipped": "the run's time budget was spent"})
                     continue
                 start = time.monotonic()
                 try:
-                    with tf32(allow_tf32):
+                    with allow_tf32(use_tf32):
                         row.update(staircase_window(op, counts, dtype, s, compiled))
                 except Exception as exc:  # one op failing must not lose the others
                     row["error"] = _error(exc)
@@ -972,7 +963,7 @@ def time_sparse_model(dense: nn.Module, batch: int, tokens: int, s: Settings) ->
     be = fxprune.backend(passes=[SemiStructuredPass()], then="eager", round_to=1)
     lowered = torch.compile(copy.deepcopy(dense), backend=be, dynamic=False)
     plain = torch.compile(dense, backend="eager", dynamic=False)
-    with torch.inference_mode(), tf32(False):
+    with torch.inference_mode(), allow_tf32(False):
         want = copy.deepcopy(dense).float()(ids[0])
         out_dense, out_sparse = plain(ids[0]), lowered(ids[0])
     reasons = [r for g in be.compiled for r in g.semi_structured.values()]

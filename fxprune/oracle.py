@@ -59,18 +59,23 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 @contextlib.contextmanager
-def exact_float32() -> Iterator[None]:
+def allow_tf32(enabled: bool) -> Iterator[None]:
+    """Both TF32 switches (cuBLAS matrix products, cuDNN convolutions) set for the block."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
+def exact_float32() -> contextlib.AbstractContextManager:
     """fp32 matrix products and convolutions in fp32, not TF32, while the oracle runs.
 
     On an Ampere or newer GPU, cuDNN convolutions use TF32 by default (and matmuls do when
     the user allows it): the masked original and the pruned model, whose kernels differ in
     shape, would then differ by about 1e-3 of the scale, ten times the oracle's tolerance."""
-    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    return allow_tf32(False)
 
 
 def outputs_tolerance(outputs: list[torch.Tensor]) -> float:
