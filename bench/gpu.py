@@ -858,8 +858,8 @@ def _tflops(flops: int, ms: list[float]) -> float:
 # -- 2:4 models through fxprune ------------------------------------------------------------------
 
 
-def build_sparse_models(s: Settings) -> list[tuple[str, nn.Module, str, tuple]]:
-    """(name, model, input kind, (batch, tokens) shapes): BERT-base and a LLaMA stack."""
+def build_sparse_models(s: Settings) -> list[tuple[str, nn.Module, tuple]]:
+    """(name, model, (batch, tokens) shapes): BERT-base and a LLaMA-shaped stack."""
     from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
 
     torch.manual_seed(0)
@@ -889,8 +889,8 @@ def build_sparse_models(s: Settings) -> list[tuple[str, nn.Module, str, tuple]]:
     name_b = f"BERT-base-shaped encoder ({b['layers']} layers, {b['hidden']})"
     name_l = f"LLaMA-7B-shaped decoder ({ll['layers']} blocks, {ll['hidden']}/{ll['ffn']})"
     return [
-        (name_b, bert, "encoder", s.encoder_shapes),
-        (name_l, llama, "decoder", s.decoder_shapes),
+        (name_b, bert, s.encoder_shapes),
+        (name_l, llama, s.decoder_shapes),
     ]
 
 
@@ -908,7 +908,7 @@ class _LastHidden(nn.Module):
 def section_sparse24_models(s: Settings, deadline: Deadline) -> dict:
     dtype = torch.float16 if s.device.startswith("cuda") else torch.float32
     rows = []
-    for name, model, _, shapes in build_sparse_models(s):
+    for name, model, shapes in build_sparse_models(s):
         if deadline.passed():
             rows.append({"model": name, "skipped": "the run's time budget was spent"})
             continue

@@ -165,3 +165,26 @@ def test_a_computed_layer_norm_weight_is_pruned_with_its_channels():
     assert group.prunable and not group.exact and group.member("1.w", 0) is not None
     assert_oracle(model, res, x, exact=False)
     assert res.module.get_parameter("1.w").shape == (4,)
+
+
+class UnreadParameter(nn.Module):
+    """A parameter the eval forward never reads (timm's EfficientViT reads a cached copy of
+    its attention biases in eval mode); torch.export still keeps a get_attr for it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv2 = nn.Conv2d(16, 8, 3, padding=1)
+        self.unread = nn.Parameter(torch.randn(4, 16))
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x)))
+
+
+def test_a_parameter_the_graph_never_reads_is_no_channel_and_stays_whole():
+    model = UnreadParameter().eval()
+    x = torch.randn(1, 3, 8, 8)
+    res = fxprune.prune(model, x, ratio=0.5, frontend="export")
+    assert "unread" not in res.kept and res.module.unread.shape == (4, 16)
+    assert res.module.conv1.weight.shape[0] == 8
+    assert_oracle(model, res, x)

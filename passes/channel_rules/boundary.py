@@ -56,6 +56,11 @@ def param(op: CanonicalOp, env: ChannelEnv):
     dtype = meta.dtype_of(op.node)
     if shape is None or not shape or dtype is None or not dtype.is_floating_point:
         return env.untracked(op.node)  # integer buffers (position ids, masks) carry no channels
+    if not op.node.users:
+        # Read by nothing here (torch.export keeps a get_attr for every parameter): the
+        # model may read it in another mode or branch, so it is no channel of this graph.
+        # (timm's EfficientViT reads a cached copy of its attention biases in eval.)
+        return env.untracked(op.node)
     users = [canonicalize(u, env.gm) for u in op.node.users]
     if users and all(op.node.target in u.params.values() for u in users):
         return env.untracked(op.node)  # read as a weight (conv, linear, norm, embedding)
