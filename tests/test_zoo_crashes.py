@@ -188,3 +188,37 @@ def test_a_parameter_the_graph_never_reads_is_no_channel_and_stays_whole():
     assert "unread" not in res.kept and res.module.unread.shape == (4, 16)
     assert res.module.conv1.weight.shape[0] == 8
     assert_oracle(model, res, x)
+
+
+class CachedScoreBias(nn.Module):
+    """Attention whose score bias the eval forward caches in a plain dict on first use (as
+    timm's EfficientViT does): traced after one forward, the bias is a constant captured by
+    value, shaped (heads, tokens, tokens)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q, self.k, self.v, self.out = (nn.Linear(16, 16) for _ in range(4))
+        self.table = nn.Parameter(torch.randn(4, 7))
+        self.register_buffer("idx", torch.randint(0, 7, (8, 8)), persistent=False)
+        self.cache: dict[str, torch.Tensor] = {}
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = (p(x).view(b, n, 4, 4).transpose(1, 2) for p in (self.q, self.k, self.v))
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table[:, self.idx].detach()
+        scores = q @ k.transpose(-1, -2) + self.cache["bias"]
+        return self.out((scores.softmax(-1) @ v).transpose(1, 2).reshape(b, n, 16))
+
+
+def test_a_captured_constant_with_several_long_dims_carries_no_guessed_channels():
+    model = CachedScoreBias().eval()
+    x = torch.randn(2, 8, 16)
+    with torch.no_grad():
+        model(x)  # fills the cache, as a user's first forward does
+    analysis = fxprune.analyze(model, x, frontend="export")
+    owned = set(model.state_dict()) | {n for n, _ in model.named_parameters()}
+    for g in analysis.groups:
+        assert all(m.param in owned for m in g.members), [m.param for m in g.members]
+    res = fxprune.prune(model, x, ratio=0.5, frontend="export", ignore=[model.out])
+    assert_oracle(model, res, x, exact=False)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 
+from torch import nn
+
 from fxprune import meta
 from fxprune.channels import Layout
 from fxprune.ops import CanonicalOp, OpKind, canonicalize
@@ -65,6 +67,15 @@ def param(op: CanonicalOp, env: ChannelEnv):
     if users and all(op.node.target in u.params.values() for u in users):
         return env.untracked(op.node)  # read as a weight (conv, linear, norm, embedding)
     long = [d for d, n in enumerate(shape) if n > 1]
+    owned = env.is_buffer(op.node.target) or isinstance(
+        env.param_tensor(op.node.target), nn.Parameter
+    )
+    if len(long) > 1 and not owned:
+        # A tensor the trace captured by value, neither parameter nor buffer (a cache the
+        # model filled in an earlier forward: timm's EfficientViT keeps its attention biases
+        # gathered per head and token pair), with several long dims: which one carries
+        # channels would be a guess, so none does.
+        return env.untracked(op.node)
     dim = long[0] if len(long) == 1 else len(shape) - 1
     if shape[dim] == 1:
         return env.untracked(op.node)
