@@ -83,7 +83,6 @@ SECTIONS = (  # the default order: cheap and central first, compiles (minutes) l
     "models_compile",
     "staircase_compile",
 )
-RATIO = 0.5
 PAD_MULTIPLES = (2, 4, 8, 16, 32, 64)
 PAYS = 1.05  # padding up to a multiple "pays" when the unaligned count is this much slower
 NO_CUDA = (
@@ -121,6 +120,12 @@ class Settings:
     compile_reserve: float = 60.0  # seconds a model compile needs left of the budget
     compile_backend: str = "inductor"
     batches: tuple = (1, 32, 256)
+    # Pruning ratios of the end-to-end models: 0.5 (the peer's comparison) and one where the
+    # alignments give different widths (0.4 keeps 38.4 of 64: 38, 32 or padded 40).
+    ratios: tuple = (0.5, 0.4)
+    # How the models run besides torch.compile: "eager", and "cuda graph" (``--cuda-graph``:
+    # eager kernels replayed as CUDA graphs, Dynamo's cudagraphs backend).
+    model_modes: tuple = ("eager",)
     image: int = 224
     resnet: str = "resnet50"
     vit: str = "vit_base_patch16_224"
@@ -574,37 +579,56 @@ def build_models(s: Settings) -> list[Built]:
     return [Built(s.resnet, resnet, resnet.fc, x), Built(s.vit, vit, vit.head, x)]
 
 
-def prune_variants(b: Built) -> dict[str, dict[str, Any]]:
-    """The original, fxprune's three alignments and Torch-Pruning's model (all fp32, CPU)."""
+def variant_name(tool: str, ratio: float, align: str) -> str:
+    """``fxprune 0.5 round_to=8``: the report finds variants by these names."""
+    return f"{tool} {ratio:g} {align}"
+
+
+FXPRUNE_ALIGNS = {"round_to=1": dict(round_to=1), "round_to=8": dict(round_to=8)}
+FXPRUNE_ALIGNS["pad 8"] = dict(round_to=8, align="pad")
+
+
+def prune_variants(b: Built, s: Settings) -> dict[str, dict[str, Any]]:
+    """The original, fxprune's three alignments at each of ``s.ratios`` and Torch-Pruning's
+    model at the first ratio (all fp32, CPU). A variant whose every parameter shape equals an
+    earlier one's is the same architecture: it is recorded as ``same_as`` and not timed
+    again (at ratio 0.5 the widths halve to multiples of 8, so all three alignments agree;
+    at 0.4 they differ: 38, 32 or 40 of 64 channels)."""
     out: dict[str, dict[str, Any]] = {"original": {"module": b.model}}
-    settings = {
-        "fxprune round_to=1": dict(round_to=1),
-        "fxprune round_to=8": dict(round_to=8),
-        "fxprune pad 8": dict(round_to=8, align="pad"),
-    }
-    for name, kwargs in settings.items():
-        start = time.monotonic()
-        try:
-            res = fxprune.prune(b.model, b.example, ratio=RATIO, ignore=[b.head], **kwargs)
-            out[name] = {"module": res.module, "prune_s": time.monotonic() - start}
-        except Exception as exc:
-            out[name] = {"error": _error(exc)}
+    for ratio in s.ratios:
+        for align, kwargs in FXPRUNE_ALIGNS.items():
+            name = variant_name("fxprune", ratio, align)
+            start = time.monotonic()
+            try:
+                res = fxprune.prune(b.model, b.example, ratio=ratio, ignore=[b.head], **kwargs)
+                out[name] = {"module": res.module, "prune_s": time.monotonic() - start}
+            except Exception as exc:
+                out[name] = {"error": _error(exc)}
+            out[name]["ratio"] = ratio
+    name = variant_name("Torch-Pruning", s.ratios[0], "round_to=8")
     start = time.monotonic()
     try:
-        out["Torch-Pruning round_to=8"] = {
-            "module": prune_torch_pruning(b),
-            "prune_s": time.monotonic() - start,
-        }
+        out[name] = {"module": prune_torch_pruning(b, s.ratios[0])}
+        out[name]["prune_s"] = time.monotonic() - start
     except Exception as exc:
-        out["Torch-Pruning round_to=8"] = {"error": _error(exc)}
-    for v in out.values():
-        if "module" in v:
-            v["macs"] = fxprune.count_macs(v["module"], b.example)
-            v["params"] = fxprune.count_params(v["module"])
+        out[name] = {"error": _error(exc)}
+    out[name]["ratio"] = s.ratios[0]
+    shapes: dict[tuple, str] = {}
+    for name, v in out.items():
+        if "module" not in v:
+            continue
+        v["macs"] = fxprune.count_macs(v["module"], b.example)
+        v["params"] = fxprune.count_params(v["module"])
+        key = tuple((k, tuple(t.shape)) for k, t in v["module"].state_dict().items())
+        if key in shapes and not name.startswith("Torch-Pruning"):
+            v["same_as"] = shapes[key]
+            del v["module"]
+        else:
+            shapes.setdefault(key, name)
     return out
 
 
-def prune_torch_pruning(b: Built) -> nn.Module:
+def prune_torch_pruning(b: Built, ratio: float) -> nn.Module:
     """Torch-Pruning 1.6's documented usage at the same ratio; its timm ViT recipe for ViTs
     (heads declared on qkv, head dims pruned, the attention modules' sizes set after)."""
     import torch_pruning as tp
@@ -624,7 +648,7 @@ def prune_torch_pruning(b: Built) -> nn.Module:
         model,
         b.example,
         importance=tp.importance.MagnitudeImportance(p=2),
-        pruning_ratio=RATIO,
+        pruning_ratio=ratio,
         round_to=8,
         ignored_layers=[head],
         global_pruning=False,
@@ -651,14 +675,14 @@ def section_models(s: Settings, deadline: Deadline, compiled: bool = False) -> d
     if compiled:
         modes = ("compile",)
     else:
-        modes = ("eager", "cuda graph") if s.device.startswith("cuda") else ("eager",)
+        modes = s.model_modes if s.device.startswith("cuda") else ("eager",)
     results = []
     lost = ""  # after an error that poisons the CUDA context, nothing else runs here
     for b in build_models(s):
         if deadline.passed():
             results.append({"model": b.name, "skipped": "the run's time budget was spent"})
             continue
-        variants = prune_variants(b)
+        variants = prune_variants(b, s)
         record: dict[str, Any] = {"model": b.name, "variants": {}, "batches": []}
         for name, v in variants.items():
             record["variants"][name] = {k: v[k] for k in v if k != "module"}
@@ -686,7 +710,12 @@ def section_models(s: Settings, deadline: Deadline, compiled: bool = False) -> d
                 record["batches"].append(row)
                 _progress(f"models {b.name} batch {batch} {mode}", row)
         results.append(record)
-    return {"rows": results, "compiled": compiled, "compile_mode": s.compile_mode}
+    return {
+        "rows": results,
+        "compiled": compiled,
+        "compile_mode": s.compile_mode,
+        "ratios": list(s.ratios),
+    }
 
 
 def sdpa_backends() -> contextlib.AbstractContextManager:
@@ -1072,7 +1101,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer points and calls (minutes)")
     p.add_argument("--smoke-cpu", action="store_true", help="tiny shapes on the CPU (tests)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for *_compile")
-    p.add_argument("--from-json", default=None, help="render an earlier run's JSON only")
+    p.add_argument("--cuda-graph", action="store_true", help="models also as CUDA graphs")
+    p.add_argument("--ratios", default=None, help="models' pruning ratios, e.g. 0.5,0.4")
+    p.add_argument(
+        "--from-json",
+        default=None,
+        help="render earlier runs' JSON only; a.json,b.json: each section from the last run",
+    )
     p.add_argument("--in-process", action="store_true", help="run every section in this process")
     p.add_argument("--no-report", action="store_true", help="write the JSON only")
     return p.parse_args(argv)
@@ -1082,7 +1117,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.from_json:
-        data = json.loads(Path(args.from_json).read_text())
+        runs = [json.loads(Path(f).read_text()) for f in args.from_json.split(",")]
+        data = runs[0] if len(runs) == 1 else gpu_report.merge_runs(runs)
+        if len(runs) > 1:
+            data["sources"] = args.from_json.split(",")
         gpu_report.write_report(data, Path(args.markdown), Path(args.plot))
         return 0
     unknown = [n for n in args.sections.split(",") if n not in SECTIONS]
@@ -1098,8 +1136,13 @@ def main(argv: list[str] | None = None) -> int:
         s = Settings.quick() if args.quick else Settings(device="cuda")
     if args.compile_mode:
         s.compile_mode = None if args.compile_mode == "default" else args.compile_mode
+    if args.cuda_graph:
+        s.model_modes = (*s.model_modes, "cuda graph")
+    if args.ratios:
+        s.ratios = tuple(float(r) for r in args.ratios.split(","))
     flags = ["--quick"] * args.quick + ["--smoke-cpu"] * args.smoke_cpu
     flags += ["--compile-mode", args.compile_mode] if args.compile_mode else []
+    flags += ["--cuda-graph"] * args.cuda_graph + (["--ratios", args.ratios] if args.ratios else [])
     isolate = None if args.in_process else flags
     data = run(s, args.sections.split(","), args.budget, Path(args.out), argv, isolate)
     if not args.no_report:

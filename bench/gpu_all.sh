@@ -11,7 +11,7 @@ out=${1:?usage: bash bench/gpu_all.sh OUTDIR [bench/gpu.py arguments ...]}
 shift
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
-timeout 300 python3 -P -m pytest -m gpu -q -rs -p no:cacheprovider \
+timeout 180 python3 -P -m pytest -m gpu -q -rs -p no:cacheprovider \
   tests/test_gpu.py tests/test_backend.py tests/test_export.py tests/test_export_pruned.py \
   2>&1 | tee "$out/pytest_gpu.log" | tail -n 25
 python3 bench/gpu.py --out "$out/gpu.json" --markdown "$out/BENCHMARKS_gpu.md" \

@@ -35,8 +35,7 @@ def _err(value: float | None) -> str:
 # -- sections ------------------------------------------------------------------------------------
 
 
-def env_lines(data: dict[str, Any]) -> list[str]:
-    env = data["sections"].get("env", {})
+def env_rows(env: dict[str, Any]) -> list[tuple[str, str]]:
     smi = env.get("nvidia_smi", {})
     ceilings = env.get("ceilings", {})
     pk = env.get("packages", {})
@@ -74,9 +73,57 @@ def env_lines(data: dict[str, Any]) -> list[str]:
                 f"TFLOP/s; device copy {ceilings['copy_tb_per_s']:.2f} TB/s (read + write)",
             )
         )
-    lines = ["| | |", "|---|---|"]
-    lines += [f"| {k} | {v} |" for k, v in rows]
+    return rows
+
+
+def env_lines(data: dict[str, Any]) -> list[str]:
+    """The machine of each run, one column per run."""
+    runs = runs_of(data)
+    envs = [r.get("env") or {} for r in runs]
+    table = [env_rows(e) for e in envs]
+    if len(runs) == 1:
+        lines = ["| | |", "|---|---|"]
+        return lines + [f"| {k} | {v} |" for k, v in table[0]]
+    lines = ["| | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " |"]
+    lines.append("|---|" + "---|" * len(runs))
+    for i, (label, _) in enumerate(table[0]):
+        lines.append(f"| {label} | " + " | ".join(str(t[i][1]) for t in table) + " |")
     return lines
+
+
+# -- several runs as one report --------------------------------------------------------------
+
+
+def merge_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several runs' JSON as one report: each section from the last run that measured it
+    without failing as a whole (a later run adds what an earlier one skipped or could not
+    run, on the same kind of machine). Every section records which run it came from."""
+    merged: dict[str, Any] = {"runs": [], "sections": {}}
+    for i, data in enumerate(runs):
+        merged["runs"].append(
+            {
+                "command": data.get("command"),
+                "started": data.get("started"),
+                "env": data["sections"].get("env", {}),
+                "sections": [k for k in data["sections"] if k != "env"],
+            }
+        )
+        for name, section in data["sections"].items():
+            if name == "env" or ("error" in section and name in merged["sections"]):
+                continue
+            merged["sections"][name] = {**section, "run": i + 1}
+    merged["sections"]["env"] = merged["runs"][-1]["env"]
+    return merged
+
+
+def runs_of(data: dict[str, Any]) -> list[dict[str, Any]]:
+    if "runs" in data:
+        return data["runs"]
+    env = data["sections"].get("env", {})
+    sections = [k for k in data["sections"] if k != "env"]
+    return [
+        dict(command=data.get("command"), started=data.get("started"), env=env, sections=sections)
+    ]
 
 
 def alignment_lines(section: dict[str, Any]) -> list[str]:
@@ -150,6 +197,11 @@ def models_lines(section: dict[str, Any]) -> list[str]:
         for name, v in rec.get("variants", {}).items():
             if "error" in v:
                 lines.append(f"- {name}: could not be built: `{v['error'].splitlines()[0]}`")
+            elif "same_as" in v:
+                lines.append(
+                    f"- {name}: every parameter shape equals {v['same_as']}'s (the same "
+                    "architecture), so it was timed once, as that one"
+                )
         lines += [
             "| batch | run as | variant | MACs reduction | latency ms (repeat 1 / 2) | speedup | "
             "speedup / MACs reduction | rel. error vs fp32 |",
@@ -298,6 +350,70 @@ def dtype_alignment(summary: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _variant(rec: dict, batch: dict, tool: str, ratio: float, align: str) -> dict[str, Any]:
+    """A variant's timings in one batch row, through ``same_as`` (the same architecture,
+    timed once) and the names of runs before ratios were named (``fxprune round_to=8``)."""
+    timed = batch.get("variants", {})
+    for name in (f"{tool} {ratio:g} {align}", f"{tool} {align}" if ratio == 0.5 else None):
+        if name is None:
+            continue
+        name = rec.get("variants", {}).get(name, {}).get("same_as", name)
+        if name in timed:
+            return timed[name]
+    return {}
+
+
+def model_conclusions(section: dict[str, Any]) -> list[str]:
+    """Per model and mode: fxprune and Torch-Pruning at the first ratio; what the alignment
+    is worth at the others (where round_to=1, 8 and padding give different widths)."""
+    out = []
+    ratios = section.get("ratios", [0.5])
+    for rec in section.get("rows", []):
+        by_mode: dict[str, list[str]] = {}
+        aligned: dict[tuple[str, float], list[str]] = {}
+        macs: dict[tuple, float] = {}
+        for b in rec.get("batches", []):
+            mode = _mode(b, section)
+            fx = _variant(rec, b, "fxprune", ratios[0], "round_to=8")
+            tp = _variant(rec, b, "Torch-Pruning", ratios[0], "round_to=8")
+            if fx.get("speedup"):
+                text = f"batch {b['batch']} {_med(fx['speedup']):.2f}x"
+                if tp.get("speedup"):
+                    text += f" (Torch-Pruning {_med(tp['speedup']):.2f}x)"
+                by_mode.setdefault(mode, []).append(text)
+                macs[(ratios[0], "round_to=8")] = fx["macs_reduction"]
+            for ratio in ratios[1:]:
+                parts = []
+                for align in ("round_to=1", "round_to=8", "pad 8"):
+                    v = _variant(rec, b, "fxprune", ratio, align)
+                    if v.get("speedup"):
+                        parts.append(f"`{align}` {_med(v['speedup']):.2f}x")
+                        macs[(ratio, align)] = v["macs_reduction"]
+                if parts:
+                    aligned.setdefault((mode, ratio), []).append(
+                        f"batch {b['batch']}: " + ", ".join(parts)
+                    )
+        for mode, texts in by_mode.items():
+            out.append(
+                f"- {rec['model']}, {mode}: fxprune ratio {ratios[0]:g} `round_to=8` "
+                f"({macs[(ratios[0], 'round_to=8')]:.2f}x fewer MACs) runs "
+                + ", ".join(texts)
+                + " faster."
+            )
+        for (mode, ratio), texts in aligned.items():
+            fewer = ", ".join(
+                f"`{a}` {macs[(ratio, a)]:.2f}x"
+                for a in ("round_to=1", "round_to=8", "pad 8")
+                if (ratio, a) in macs
+            )
+            out.append(
+                f"- {rec['model']}, {mode}, ratio {ratio:g} (fewer MACs: {fewer}): "
+                + "; ".join(texts)
+                + "."
+            )
+    return out
+
+
 def conclusions(data: dict[str, Any]) -> list[str]:
     """Sentences for users, computed from the numbers (nothing here is typed by hand)."""
     out = []
@@ -320,23 +436,7 @@ def conclusions(data: dict[str, Any]) -> list[str]:
             f" → `round_to={row['round_to']}`{tail}."
         )
     for key in ("models", "models_compile"):
-        for rec in sec.get(key, {}).get("rows", []):
-            by_mode: dict[str, list[str]] = {}
-            for b in rec.get("batches", []):
-                v = b.get("variants", {})
-                fx, tp = v.get("fxprune round_to=8") or {}, v.get("Torch-Pruning round_to=8") or {}
-                if not fx.get("speedup"):
-                    continue
-                text = f"batch {b['batch']} {_med(fx['speedup']):.2f}x"
-                if tp.get("speedup"):
-                    text += f" (Torch-Pruning {_med(tp['speedup']):.2f}x)"
-                by_mode.setdefault(_mode(b, sec[key]), []).append(text)
-                macs = fx["macs_reduction"]
-            for mode, texts in by_mode.items():
-                out.append(
-                    f"- {rec['model']}, {mode}: fxprune ratio 0.5 `round_to=8` "
-                    f"({macs:.2f}x fewer MACs) runs " + ", ".join(texts) + " faster."
-                )
+        out += model_conclusions(sec.get(key, {}))
     best: dict[str, list] = {}
     for row in sec.get("sparse24", {}).get("rows", []):
         for k in sec.get("sparse24", {}).get("kernels", []):
@@ -375,19 +475,29 @@ def conclusions(data: dict[str, Any]) -> list[str]:
 # -- writing -------------------------------------------------------------------------------------
 
 
+def _run(section: dict[str, Any]) -> str:
+    return f" (run {section['run']})" if "run" in section else ""
+
+
 def render(data: dict[str, Any], plot_name: str | None) -> str:
     sec = data["sections"]
+    runs = runs_of(data)
+    sources = data.get("sources") or ["docs/gpu.json"]
     lines = [
         "# GPU benchmarks",
         "",
-        "Generated by `bench/gpu_report.py` from `docs/gpu.json`; every number below was",
-        "measured by one run of the command shown. Latencies are medians of many calls",
-        "(CUDA events, warm-up, rotating random inputs); each comparison ran in interleaved",
-        "rounds and was repeated twice: `a / b` gives both repeats, so their difference is",
-        "the spread.",
+        f"Generated by `bench/gpu_report.py` from {', '.join(f'`{x}`' for x in sources)}; "
+        "every number below was measured by the run of `bench/gpu.py` named beside it. "
+        "Latencies are medians of many calls (CUDA events, warm-up, rotating random inputs); "
+        "each comparison ran in interleaved rounds and was repeated twice: `a / b` gives "
+        "both repeats, so their difference is the spread.",
         "",
-        f"Command: `{data.get('command')}`, started {data.get('started')}.",
-        "",
+    ]
+    for i, run in enumerate(runs):
+        what = ", ".join(run["sections"])
+        label = f"Run {i + 1} ({what})" if len(runs) > 1 else "Command"
+        lines += [f"{label}: `{run.get('command')}`, started {run.get('started')}.", ""]
+    lines += [
         "## Machine",
         "",
         *env_lines(data),
@@ -399,7 +509,7 @@ def render(data: dict[str, Any], plot_name: str | None) -> str:
     ]
     if "staircase" in sec:
         lines += [
-            "## Channel alignment (the `round_to` staircase)",
+            f"## Channel alignment (the `round_to` staircase){_run(sec['staircase'])}",
             "",
             "Each cell: how much slower a channel count that is a multiple of m/2 but not of",
             "m runs than the next multiple of m (median over every such count of every",
@@ -414,20 +524,26 @@ def render(data: dict[str, Any], plot_name: str | None) -> str:
         lines += staircase_lines(sec["staircase"])
         lines.append("")
     if "staircase_compile" in sec:
-        lines += ["### Through torch.compile", "", *staircase_lines(sec["staircase_compile"]), ""]
+        lines += [
+            f"### Through torch.compile{_run(sec['staircase_compile'])}",
+            "",
+            *staircase_lines(sec["staircase_compile"]),
+            "",
+        ]
     for key, title in (("models", "eager"), ("models_compile", "torch.compile")):
         if key in sec:
-            lines += [f"## Pruned models end to end ({title})", *models_lines(sec[key]), ""]
+            lines += [f"## Pruned models end to end ({title}){_run(sec[key])}"]
+            lines += [*models_lines(sec[key]), ""]
     if "sparse24" in sec:
         lines += [
-            "## 2:4 Linear layers on sparse tensor cores",
+            f"## 2:4 Linear layers on sparse tensor cores{_run(sec['sparse24'])}",
             "",
             *sparse_lines(sec["sparse24"]),
             "",
         ]
     if "sparse24_models" in sec:
         lines += [
-            "## 2:4 models through fxprune (sparsify → backend's semi-structured lowering)",
+            f"## 2:4 models through fxprune (sparsify → semi-structured lowering){_run(sec['sparse24_models'])}",
             "",
             *sparse_model_lines(sec["sparse24_models"]),
             "",
