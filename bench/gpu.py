@@ -10,10 +10,11 @@ times anything; a section that fails is recorded with its error and the others g
   linear (transformer MLP shapes, the channel count as output or input features) as the
   channel count sweeps every value of a window, fp16 and tf32, eager (cuDNN / cuBLAS); and
   fp16 through ``torch.compile`` on one window per op (``staircase_compile``).
-* ``models``: ResNet-50 and ViT-B/16 pruned by fxprune at ratio 0.5 with ``round_to=1``,
-  ``8`` and ``align="pad"``, and by Torch-Pruning at the same ratio (its documented usage,
-  ``round_to=8``), fp16 channels_last, batch 1, 32 and 256, eager; and through
-  ``torch.compile`` (``models_compile``).
+* ``models``: ResNet-50 and ViT-B/16 pruned by fxprune at ratio 0.5 and 0.4 (``--ratios``)
+  with ``round_to=1``, ``8`` and ``align="pad"`` (one architecture is timed once: at 0.5 all
+  three agree), and by Torch-Pruning at the first ratio (its documented usage,
+  ``round_to=8``), fp16 channels_last, batch 1, 32 and 256, eager (and as CUDA graphs with
+  ``--cuda-graph``); and through ``torch.compile`` (``models_compile``).
 * ``sparse24``: Linear layers of BERT-base / ViT-B and LLaMA-7B MLP shapes, fp16 and bf16,
   128 to 16384 tokens: dense vs ``to_sparse_semi_structured`` (cuSPARSELt and CUTLASS).
 * ``sparse24_models``: a BERT-base-shaped encoder and a LLaMA-shaped decoder stack
@@ -31,7 +32,11 @@ sections time what a caller sees, launches included.
     python bench/gpu.py                                 # everything; docs/gpu.json, docs/BENCHMARKS_gpu.md
     python bench/gpu.py --sections staircase,sparse24   # a part
     python bench/gpu.py --quick                         # minutes: fewer points, fewer calls
-    python bench/gpu.py --from-json docs/gpu.json       # redo the Markdown and the plot
+    python bench/gpu.py --sections env,models_compile --compile-mode max-autotune \
+        --models vit --batches 32 --ratios 0.4          # one narrow, slow-compiling check
+    python bench/gpu.py --from-json docs/gpu.json       # redo the Markdown and the plots
+    python bench/gpu.py --from-json docs/gpu.json,docs/gpu_run2.json,docs/gpu_run3.json
+                                                        # several runs: each section from the last
 
 Without CUDA it stops with exit status 2. ``--smoke-cpu`` runs every section on the CPU with
 tiny shapes and small models: it checks this script's logic (the tests do), and its
@@ -123,6 +128,7 @@ class Settings:
     # Pruning ratios of the end-to-end models: 0.5 (the peer's comparison) and one where the
     # alignments give different widths (0.4 keeps 38.4 of 64: 38, 32 or padded 40).
     ratios: tuple = (0.5, 0.4)
+    models: tuple = ("resnet", "vit")  # ``--models``: which of the two end-to-end models
     # How the models run besides torch.compile: "eager", and "cuda graph" (``--cuda-graph``:
     # eager kernels replayed as CUDA graphs, Dynamo's cudagraphs backend).
     model_modes: tuple = ("eager",)
@@ -574,9 +580,14 @@ def build_models(s: Settings) -> list[Built]:
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, s.image, s.image)
-    resnet = randomize_bn(getattr(torchvision.models, s.resnet)())
-    vit = timm.create_model(s.vit, pretrained=False, img_size=s.image).eval()
-    return [Built(s.resnet, resnet, resnet.fc, x), Built(s.vit, vit, vit.head, x)]
+    built = []
+    if "resnet" in s.models:
+        resnet = randomize_bn(getattr(torchvision.models, s.resnet)())
+        built.append(Built(s.resnet, resnet, resnet.fc, x))
+    if "vit" in s.models:
+        vit = timm.create_model(s.vit, pretrained=False, img_size=s.image).eval()
+        built.append(Built(s.vit, vit, vit.head, x))
+    return built
 
 
 def variant_name(tool: str, ratio: float, align: str) -> str:
@@ -1103,6 +1114,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode for *_compile")
     p.add_argument("--cuda-graph", action="store_true", help="models also as CUDA graphs")
     p.add_argument("--ratios", default=None, help="models' pruning ratios, e.g. 0.5,0.4")
+    p.add_argument("--models", default=None, help="end-to-end models: resnet,vit (both)")
+    p.add_argument("--batches", default=None, help="end-to-end batch sizes, e.g. 1,32,256")
     p.add_argument(
         "--from-json",
         default=None,
@@ -1142,7 +1155,17 @@ def main(argv: list[str] | None = None) -> int:
         s.ratios = tuple(float(r) for r in args.ratios.split(","))
     flags = ["--quick"] * args.quick + ["--smoke-cpu"] * args.smoke_cpu
     flags += ["--compile-mode", args.compile_mode] if args.compile_mode else []
+    if args.models:
+        s.models = tuple(m.strip() for m in args.models.split(","))
+        if not set(s.models) <= {"resnet", "vit"}:
+            print(f"error: --models {args.models}: choose from resnet, vit")
+            return 2
+    if args.batches:
+        s.batches = tuple(int(b) for b in args.batches.split(","))
     flags += ["--cuda-graph"] * args.cuda_graph + (["--ratios", args.ratios] if args.ratios else [])
+    flags += (["--models", args.models] if args.models else []) + (
+        ["--batches", args.batches] if args.batches else []
+    )
     isolate = None if args.in_process else flags
     data = run(s, args.sections.split(","), args.budget, Path(args.out), argv, isolate)
     if not args.no_report:

@@ -479,7 +479,7 @@ def _run(section: dict[str, Any]) -> str:
     return f" (run {section['run']})" if "run" in section else ""
 
 
-def render(data: dict[str, Any], plot_name: str | None) -> str:
+def render(data: dict[str, Any], plot_name: str | None, models_plot: str | None = None) -> str:
     sec = data["sections"]
     runs = runs_of(data)
     sources = data.get("sources") or ["docs/gpu.json"]
@@ -494,8 +494,10 @@ def render(data: dict[str, Any], plot_name: str | None) -> str:
         "",
     ]
     for i, run in enumerate(runs):
-        what = ", ".join(run["sections"])
-        label = f"Run {i + 1} ({what})" if len(runs) > 1 else "Command"
+        used = [k for k, v in sec.items() if k != "env" and v.get("run") == i + 1]
+        label = (
+            f"Run {i + 1}, behind {', '.join(used) or 'no section'}" if len(runs) > 1 else "Command"
+        )
         lines += [f"{label}: `{run.get('command')}`, started {run.get('started')}.", ""]
     lines += [
         "## Machine",
@@ -528,6 +530,13 @@ def render(data: dict[str, Any], plot_name: str | None) -> str:
             f"### Through torch.compile{_run(sec['staircase_compile'])}",
             "",
             *staircase_lines(sec["staircase_compile"]),
+            "",
+        ]
+    if models_plot and ("models" in sec or "models_compile" in sec):
+        lines += [
+            "## Pruned models end to end",
+            "",
+            f"![speedup of pruned models]({models_plot})",
             "",
         ]
     for key, title in (("models", "eager"), ("models_compile", "torch.compile")):
@@ -611,10 +620,90 @@ def plot_staircase(data: dict[str, Any], path: Path) -> bool:
     return True
 
 
+def plot_models(data: dict[str, Any], path: Path) -> bool:
+    """Speedup over the original per variant and batch: one panel per model and way of
+    running (eager, torch.compile); False if nothing to draw."""
+    panels = []
+    for key in ("models", "models_compile"):
+        section = data["sections"].get(key, {})
+        for rec in section.get("rows", []):
+            batches = [b for b in rec.get("batches", []) if "variants" in b]
+            if batches:
+                panels.append((rec, section, sorted(batches, key=lambda b: b["batch"])))
+    if not panels:
+        return False
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = min(2, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(6.4 * cols, 3.4 * nrows + 1.2), squeeze=False)
+    legend: dict[str, Any] = {}
+    for ax, (rec, section, batches) in zip(axes.flat, panels):
+        names = [n for n in batches[0]["variants"] if n != "original"]
+        same = {}
+        for n, v in rec["variants"].items():
+            if "same_as" in v:
+                same.setdefault(v["same_as"], []).append(n.split(" ", 2)[-1])
+        width = 0.8 / max(1, len(names))
+        for i, name in enumerate(names):
+            xs, meds, lo, hi = [], [], [], []
+            for j, b in enumerate(batches):
+                v = b["variants"].get(name)
+                if v and v.get("speedup"):
+                    xs.append(j + (i - (len(names) - 1) / 2) * width)
+                    meds.append(_med(v["speedup"]))
+                    lo.append(meds[-1] - min(v["speedup"]))
+                    hi.append(max(v["speedup"]) - meds[-1])
+            label = name + (f" (= {', '.join(same[name])})" if name in same else "")
+            bars = ax.bar(xs, meds, width, yerr=[lo, hi], label=label, color=f"C{i}")
+            legend.setdefault(label, bars)
+            macs = rec["variants"].get(name, {}).get("macs")
+            if macs:
+                fewer = rec["variants"]["original"]["macs"] / macs
+                for x, m in zip(xs, meds):
+                    ax.text(x, m, f"{fewer:.1f}", ha="center", va="bottom", fontsize=5)
+        ax.axhline(1.0, color="black", lw=0.8)
+        ax.set_xticks(range(len(batches)), [f"batch {b['batch']}" for b in batches])
+        ax.set_ylabel("speedup over the original")
+        ax.set_title(f"{rec['model']}, {_mode(batches[0], section)}", fontsize=9)
+    for ax in list(axes.flat)[len(panels) :]:
+        ax.axis("off")
+    fig.legend(legend.values(), legend.keys(), loc="lower center", ncol=3, fontsize=7)
+    fig.suptitle(
+        "Pruned models, fp16 channels_last: speedup over the original (bars: median of the "
+        "repeats, whiskers: spread; above each bar: MACs reduction)",
+        fontsize=9,
+    )
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+    return True
+
+
+def models_plot_path(plot: Path) -> Path:
+    """The models' plot beside the staircase's: ``gpu_staircase.png`` → ``gpu_models.png``."""
+    stem = plot.stem.replace("staircase", "models")
+    return plot.with_name((stem if stem != plot.stem else plot.stem + "_models") + plot.suffix)
+
+
 def write_report(data: dict[str, Any], markdown: Path, plot: Path) -> None:
-    drawn = plot_staircase(data, plot)
-    name = plot.name if drawn and plot.parent == markdown.parent else (str(plot) if drawn else None)
-    write_bytes_atomic(markdown, render(data, name).encode())
+    def relative(path: Path, drawn: bool) -> str | None:
+        if not drawn:
+            return None
+        return path.name if path.parent == markdown.parent else str(path)
+
+    staircase = relative(plot, plot_staircase(data, plot))
+    models = models_plot_path(plot)
+    write_bytes_atomic(
+        markdown, render(data, staircase, relative(models, plot_models(data, models))).encode()
+    )
 
 
 def summary_lines(data: dict[str, Any]) -> str:

@@ -137,7 +137,7 @@ def test_a_later_run_adds_sections_and_the_report_names_each_one_s_run(tmp_path)
     assert sec["sparse24"] == {"error": "x", "run": 2}  # nothing earlier to keep
     assert merged["runs"][1]["sections"] == ["models", "sparse24"]
     text = gpu_report.render(merged, None)
-    assert "Run 1 (staircase, models): `first`" in text and "Run 2 (models, sparse24)" in text
+    assert "Run 1, behind staircase: `first`" in text and "Run 2, behind models, sparse24" in text
     assert "| GPU | A (" in text and "| B (" in text  # one machine column per run
     assert "## Channel alignment (the `round_to` staircase) (run 1)" in text
     assert "## Pruned models end to end (eager) (run 2)" in text
