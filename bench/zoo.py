@@ -277,6 +277,12 @@ def select(zoos: list[str], models: str | None, limit: int | None) -> list[str]:
         if entry.partition(":")[0] in zoos:
             chosen.append(entry)
             continue
+        if entry.partition(":")[0] in ZOOS:
+            raise SystemExit(
+                f"error: --models {entry}: the zoo '{entry.partition(':')[0]}' is not among "
+                f"those this run covers ({', '.join(zoos)}); name it in --zoo (its package "
+                "must be installed: see docs/zoo.md)."
+            )
         found = [f"{z}:{entry}" for z in zoos if entry in zoo_models(z)]
         chosen += found or [f"{zoos[0]}:{entry}"]
     keys = list(dict.fromkeys(chosen))

@@ -200,7 +200,15 @@ def _replace(module: nn.Module, fqn: str, value: torch.Tensor) -> None:
 
 
 def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) -> nn.Module:
-    """A copy of ``original`` in eval mode, every coordinate not in ``kept`` set to zero.
+    """A copy of ``original`` in eval mode, every parameter coordinate not in ``kept`` set
+    to zero.
+
+    Buffers keep their values: a buffer may be a divisor (DINOv3's rotary ``periods``,
+    where a zero makes the whole reference NaN), and a dropped channel is already zero
+    through the parameters of its group (every prunable group has one: a group of buffers
+    only is frozen), whose consumers' columns are zeroed too. A buffer that alone made a
+    dropped channel non-zero could only make this reference differ from the pruned model,
+    never hide an error.
 
     ``in_place=True`` masks ``original`` itself, for a private copy nobody else runs
     (prune's :func:`snapshot`): its masked tensors are replaced by new ones, never written,
@@ -209,8 +217,11 @@ def masked_original(original: nn.Module, kept: Kept, *, in_place: bool = False) 
     m = original if in_place else copy.deepcopy(original)
     _eval(m)
     tensors, dropped = _named_tensors(m), _Dropped()
+    buffers = {n for n, _ in m.named_buffers(remove_duplicate=False)}
     with torch.no_grad():
         for fqn, dims in kept.items():
+            if fqn in buffers:
+                continue
             t = tensors.get(fqn)
             if t is None:
                 t = tensor_at(m, fqn)

@@ -27,7 +27,7 @@ from torch import nn
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout
 from fxprune.modules import PrunedMultiheadAttention
-from fxprune.ops import Attrs, CanonicalOp, ParamRef, module_param
+from fxprune.ops import Attrs, CanonicalOp, ParamRef, module_param, param_arg
 from fxprune.passes.channel_rules.base import (
     ChannelEnv,
     SurgeryEnv,
@@ -389,3 +389,115 @@ def multihead_attention(op: CanonicalOp, env: ChannelEnv):
     if isinstance(result, list) and out_shape is not None:
         result[0] = Layout.along(out, len(out_shape) - 1, len(out_shape))
     return result
+
+
+# -- torchvision's Swin window attention -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WindowAttrs(Attrs):
+    """``shifted_window_attention``'s weights (parameters or computed) and head count."""
+
+    qkv_weight: ParamRef | fx.Node | None
+    proj_weight: ParamRef | fx.Node | None
+    qkv_bias: ParamRef | fx.Node | None
+    proj_bias: ParamRef | fx.Node | None
+    num_heads: Any
+
+
+def _window_view(op: CanonicalOp) -> CanonicalOp:
+    attrs = WindowAttrs(
+        qkv_weight=param_arg(op, 1, "qkv_weight"),
+        proj_weight=param_arg(op, 2, "proj_weight"),
+        qkv_bias=param_arg(op, 9, "qkv_bias"),
+        proj_bias=param_arg(op, 10, "proj_bias"),
+        num_heads=_call_arg(op.node, 5, "num_heads"),
+    )
+    return op.with_(name="shifted_window_attention", attrs=attrs)
+
+
+def _window_functions() -> tuple:
+    from torchvision.models import swin_transformer
+
+    return (swin_transformer.shifted_window_attention,)
+
+
+@op_spec("window_attention", functions=_window_functions(), view=_window_view)
+def shifted_window_attention(op: CanonicalOp, env: ChannelEnv):
+    """torchvision's Swin (V1 and V2) attention, one traced call with the weights as
+    arguments. The function splits its input width C into ``num_heads`` heads of
+    ``C // num_heads`` dims, so the input channels *are* the q, k and v dims: input
+    channel j of head h is tied to row h * d + j of q, k and v, to the projection's
+    column, and the same dims go in every head (the head count is an argument, kept).
+    Swin V1 scales q by ``(C // num_heads) ** -0.5``, which the pruned width changes:
+    inexact (V2's cosine attention is not). The relative position bias and V2's logit
+    scale are per head: frozen."""
+    at = op.attrs
+    x = op.node.args[0]
+    lay, shape = env.layout(x), env.shape(x)
+    weights = (at.qkv_weight, at.proj_weight)
+    biases = (at.qkv_bias, at.proj_bias)
+    per_head = [_call_arg(op.node, 3, "relative_position_bias")]
+    per_head.append(_call_arg(op.node, 11, "logit_scale"))
+    for n in per_head:
+        if isinstance(n, fx.Node):
+            env.freeze_layout(env.layout(n), "a per-head value of Swin's window attention")
+    h = at.num_heads
+    if (
+        not all(isinstance(w, ParamRef) for w in weights)
+        or not all(b is None or isinstance(b, ParamRef) for b in biases)
+        or lay is None
+        or shape is None
+        or not isinstance(h, int)
+        or shape[-1] % h
+    ):
+        reason = "Swin window attention with computed weights or an unknown width"
+        for n in [x, *(b for b in (*weights, *biases) if isinstance(b, fx.Node))]:
+            env.freeze_layout(env.layout(n), reason)
+        for ref in (*weights, *biases):
+            if isinstance(ref, ParamRef):
+                t = env.param_tensor(ref.fqn)
+                for dim in range(t.dim()):
+                    env.freeze(env.param_dim(ref.fqn, dim, t.shape[dim]), reason)
+        return untracked_like(op.node)
+    c = shape[-1]
+    d = c // h
+    xa = env.dim_atoms(lay, shape, len(shape) - 1)
+    if not lay.zero:
+        env.inexact(xa, "Swin window attention reads channels that are non-zero when pruned")
+    grid = env.canonical(xa).reshape(h, d)
+    env.table.union(grid[:1], grid)  # the same dims in every head
+    for cls in np.unique(env.table.find(grid[0])):
+        if cls >= 0:
+            env.rectified.setdefault(int(cls), ("head_dim", (h, d)))
+    if _call_arg(op.node, 11, "logit_scale") is None:
+        env.inexact(xa, "Swin V1 scales q by its head dim, which pruning changes")
+    qkv, proj = at.qkv_weight.fqn, at.proj_weight.fqn
+    env.param_dim(qkv, 1, c, bind=xa)
+    rows = np.concatenate([xa, xa, xa])
+    env.param_dim(qkv, 0, 3 * c, bind=rows)
+    if at.qkv_bias is not None:
+        env.param_dim(at.qkv_bias.fqn, 0, 3 * c, bind=rows)
+    env.param_dim(proj, 1, c, bind=xa)
+    out = env.param_dim(proj, 0, env.param_tensor(proj).shape[0])
+    if at.proj_bias is not None:
+        env.param_dim(at.proj_bias.fqn, 0, len(out), bind=out)
+    return Layout.along(out, len(shape) - 1, len(shape))
+
+
+def _merging_functions() -> tuple:
+    from torchvision.models import swin_transformer
+
+    return (swin_transformer._patch_merging_pad,)
+
+
+@op_spec("patch_merging_pad", functions=_merging_functions())
+def patch_merging_pad(op: CanonicalOp, env: ChannelEnv):
+    """Swin's patch merging gathers the four pixels of each 2x2 patch along channels:
+    ``cat([x0, x1, x2, x3], -1)``, so output channel ``i * C + j`` is input channel j."""
+    x = op.node.args[0]
+    lay, shape, out_shape = env.layout(x), env.shape(x), env.shape(op.node)
+    if lay is None or shape is None or out_shape is None or out_shape[-1] != 4 * shape[-1]:
+        return default_rule(op, env)
+    xa = env.dim_atoms(lay, shape, len(shape) - 1)
+    return Layout.along(np.tile(xa, 4), len(out_shape) - 1, len(out_shape), zero=lay.zero)

@@ -367,8 +367,11 @@ def _reshape_chunks(
     return chunks
 
 
-def default_rule(op: CanonicalOp, env: ChannelEnv) -> Any:
-    """Unknown op: freeze every channel it touches, say why once, output untracked."""
+def default_rule(op: CanonicalOp, env: ChannelEnv, reason: str | None = None) -> Any:
+    """Unknown op: freeze every channel it touches, say why once, output untracked.
+
+    ``reason``: why a known op cannot be related here (a computed weight, say), said
+    instead of "no rule"."""
     where = meta.describe(op.node)
     touched = False
     for inp in _nested_nodes(op.node.args) + _nested_nodes(op.node.kwargs):
@@ -376,11 +379,15 @@ def default_rule(op: CanonicalOp, env: ChannelEnv) -> Any:
         for one in lay if isinstance(lay, list) else [lay]:
             if isinstance(one, Layout) and one.is_tracked():
                 touched = True
-                env.freeze_layout(one, f"used by '{op.name}', which fxprune has no rule for")
+                env.freeze_layout(
+                    one, reason or f"used by '{op.name}', which fxprune has no rule for"
+                )
     if touched:  # an op on masks or positions touches no channels: nothing to say
         env.warn_once(
-            op.name,
-            f"fxprune has no channel rule for '{op.name}' ({where}); "
+            f"{op.name}: {reason}" if reason else op.name,
+            f"{reason} ({where}); the channels it touches are frozen."
+            if reason
+            else f"fxprune has no channel rule for '{op.name}' ({where}); "
             f"the channels it touches are frozen.",
         )
     return untracked_like(op.node)

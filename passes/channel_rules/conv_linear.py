@@ -317,20 +317,39 @@ def conv_transpose(op: CanonicalOp, env: ChannelEnv):
     macs=_linear_macs,
 )
 def linear(op: CanonicalOp, env: ChannelEnv):
-    fqn, w = _weight(op, env)
+    """``x @ W.T + b``. The bias may be computed (BEiT, EVA-02 and Swin-V2 build the qkv
+    bias as ``cat(q_bias, zero k_bias, v_bias)`` and call ``F.linear``): it is then added
+    element-wise, its channels tied to the output rows, as any added tensor's are."""
+    ref, bias = op.attrs.weight, op.attrs.bias
+    if not isinstance(ref, ParamRef):
+        if isinstance(ref, fx.Node):
+            why = "linear with a computed weight (not a parameter): its rows cannot be sliced"
+            return default_rule(op, env, why)
+        return default_rule(op, env)
+    fqn, w = ref.fqn, env.param_tensor(ref.fqn)
     x = op.inputs[0]
     lay, shape = env.layout(x), env.shape(x)
     out_shape = env.shape(op.node)
-    if w is None or lay is None or shape is None or out_shape is None:
+    if lay is None or shape is None or out_shape is None:
         return default_rule(op, env)
+    if isinstance(bias, fx.Node):
+        blay, bshape = env.layout(bias), env.shape(bias)
+        if blay is None or bshape is None or tuple(bshape) != (w.shape[0],):
+            why = "linear with a computed bias that is not one value per output row"
+            return default_rule(op, env, why)
     if _rows_carry_channels(lay):
+        if isinstance(bias, fx.Node):
+            return default_rule(op, env, "linear over tokens with a computed bias")
         return _per_row_linear(op, env, fqn, w, lay)
     xa = env.dim_atoms(lay, shape, len(shape) - 1)
     if not lay.zero:
         env.inexact(xa, "linear reads channels that are non-zero when pruned")
     env.param_dim(fqn, 1, w.shape[1], bind=xa)
     out = env.param_dim(fqn, 0, w.shape[0])
-    _bind_bias(op, env, out)
+    if isinstance(bias, fx.Node):
+        out = env.unify([(Layout.along(out, 0, 1), (len(out),)), (blay, bshape)], bshape)
+    else:
+        _bind_bias(op, env, out)
     return Layout.along(out, len(out_shape) - 1, len(out_shape))
 
 
