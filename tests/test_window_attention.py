@@ -80,3 +80,28 @@ def test_torchvision_swin_prunes_its_residual_stream_through_patch_merging():
     assert res.module.get_submodule("features.1.0.attn.qkv").weight.shape == (144, 48)
     assert res.module(x).shape == (1, 1000)
     assert_oracle(model, res, x, exact=False)  # LayerNorm: parameters checked
+
+
+def test_window_attention_with_a_computed_weight_is_frozen_with_its_reason():
+    class Scaled(WindowBlock):
+        def forward(self, x):
+            y = self.stem(x)
+            y = shifted_window_attention(
+                y,
+                self.qkv.weight * 1.0,
+                self.proj.weight,
+                self.bias,
+                [4, 4],
+                self.heads,
+                shift_size=[0, 0],
+                qkv_bias=self.qkv.bias,
+                proj_bias=self.proj.bias,
+                logit_scale=self.logit_scale,
+                training=False,
+            )
+            return self.head(y)
+
+    model = randomize(Scaled()).eval()
+    res = fxprune.prune(model, torch.randn(2, 8, 8, 8), ratio=0.5)
+    assert res.module.qkv.weight.shape == (96, 32) and res.module.stem.out_features == 32
+    assert any("computed weights" in (g.reason or "") for g in res.groups)

@@ -413,7 +413,7 @@ def _window_view(op: CanonicalOp) -> CanonicalOp:
         proj_bias=param_arg(op, 10, "proj_bias"),
         num_heads=_call_arg(op.node, 5, "num_heads"),
     )
-    return op.with_(name="shifted_window_attention", attrs=attrs)
+    return op.with_(name="shifted_window_attention", inputs=[op.node.args[0]], attrs=attrs)
 
 
 def _window_functions() -> tuple:
@@ -452,14 +452,10 @@ def shifted_window_attention(op: CanonicalOp, env: ChannelEnv):
         or shape[-1] % h
     ):
         reason = "Swin window attention with computed weights or an unknown width"
-        for n in [x, *(b for b in (*weights, *biases) if isinstance(b, fx.Node))]:
-            env.freeze_layout(env.layout(n), reason)
         for ref in (*weights, *biases):
-            if isinstance(ref, ParamRef):
-                t = env.param_tensor(ref.fqn)
-                for dim in range(t.dim()):
-                    env.freeze(env.param_dim(ref.fqn, dim, t.shape[dim]), reason)
-        return untracked_like(op.node)
+            if isinstance(ref, fx.Node):
+                env.freeze_layout(env.layout(ref), reason)
+        return _mha_frozen(op, env, reason)  # its input and every parameter it reads
     c = shape[-1]
     d = c // h
     xa = env.dim_atoms(lay, shape, len(shape) - 1)
