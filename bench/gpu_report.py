@@ -7,6 +7,7 @@ the JSON; the sentences under "What this means" are computed from it too.
 
 from __future__ import annotations
 
+import io
 import json
 import statistics
 from pathlib import Path
@@ -571,6 +572,24 @@ def render(data: dict[str, Any], plot_name: str | None, models_plot: str | None 
     return "\n".join(lines) + "\n"
 
 
+def _pyplot():
+    """matplotlib's pyplot without a display (imported only when a plot is drawn)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _write_png(fig, path: Path) -> None:
+    """The figure as a PNG, written whole or not at all; the figure is closed."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    _pyplot().close(fig)
+    write_bytes_atomic(path, buf.getvalue())
+
+
 def plot_staircase(data: dict[str, Any], path: Path) -> bool:
     """Latency against channel count, one panel per op and window; False if nothing to draw."""
     rows = [
@@ -581,12 +600,7 @@ def plot_staircase(data: dict[str, Any], path: Path) -> bool:
     ]
     if not rows:
         return False
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     panels = list(dict.fromkeys((r["op"], r["window"]) for r in rows))  # in the run's order
     cols = 4
@@ -613,10 +627,7 @@ def plot_staircase(data: dict[str, Any], path: Path) -> bool:
         ax.axis("off")
     fig.suptitle("Latency against channel count (dotted: multiples of 8; band: repeats)")
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)
     return True
 
 
@@ -632,12 +643,7 @@ def plot_models(data: dict[str, Any], path: Path) -> bool:
                 panels.append((rec, section, sorted(batches, key=lambda b: b["batch"])))
     if not panels:
         return False
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     cols = min(2, len(panels))
     nrows = -(-len(panels) // cols)
@@ -680,10 +686,7 @@ def plot_models(data: dict[str, Any], path: Path) -> bool:
         fontsize=9,
     )
     fig.tight_layout(rect=(0, 0.1, 1, 1))
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
-    plt.close(fig)
-    write_bytes_atomic(path, buf.getvalue())
+    _write_png(fig, path)
     return True
 
 

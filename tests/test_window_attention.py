@@ -31,11 +31,14 @@ class WindowBlock(nn.Module):
         self.head = nn.Linear(c, 5)
         self.heads = heads
 
+    def qkv_weight(self) -> torch.Tensor:
+        return self.qkv.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.stem(x)
         y = shifted_window_attention(
             y,
-            self.qkv.weight,
+            self.qkv_weight(),
             self.proj.weight,
             self.bias,
             [4, 4],
@@ -84,22 +87,8 @@ def test_torchvision_swin_prunes_its_residual_stream_through_patch_merging():
 
 def test_window_attention_with_a_computed_weight_is_frozen_with_its_reason():
     class Scaled(WindowBlock):
-        def forward(self, x):
-            y = self.stem(x)
-            y = shifted_window_attention(
-                y,
-                self.qkv.weight * 1.0,
-                self.proj.weight,
-                self.bias,
-                [4, 4],
-                self.heads,
-                shift_size=[0, 0],
-                qkv_bias=self.qkv.bias,
-                proj_bias=self.proj.bias,
-                logit_scale=self.logit_scale,
-                training=False,
-            )
-            return self.head(y)
+        def qkv_weight(self) -> torch.Tensor:
+            return self.qkv.weight * 1.0
 
     model = randomize(Scaled()).eval()
     res = fxprune.prune(model, torch.randn(2, 8, 8, 8), ratio=0.5)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
+from torchvision.models import swin_transformer
 
 from fxprune import meta
 from fxprune.channels import NO_ATOM, Layout
@@ -416,13 +417,9 @@ def _window_view(op: CanonicalOp) -> CanonicalOp:
     return op.with_(name="shifted_window_attention", inputs=[op.node.args[0]], attrs=attrs)
 
 
-def _window_functions() -> tuple:
-    from torchvision.models import swin_transformer
-
-    return (swin_transformer.shifted_window_attention,)
-
-
-@op_spec("window_attention", functions=_window_functions(), view=_window_view)
+@op_spec(
+    "window_attention", functions=(swin_transformer.shifted_window_attention,), view=_window_view
+)
 def shifted_window_attention(op: CanonicalOp, env: ChannelEnv):
     """torchvision's Swin (V1 and V2) attention, one traced call with the weights as
     arguments. The function splits its input width C into ``num_heads`` heads of
@@ -461,11 +458,7 @@ def shifted_window_attention(op: CanonicalOp, env: ChannelEnv):
     xa = env.dim_atoms(lay, shape, len(shape) - 1)
     if not lay.zero:
         env.inexact(xa, "Swin window attention reads channels that are non-zero when pruned")
-    grid = env.canonical(xa).reshape(h, d)
-    env.table.union(grid[:1], grid)  # the same dims in every head
-    for cls in np.unique(env.table.find(grid[0])):
-        if cls >= 0:
-            env.rectified.setdefault(int(cls), ("head_dim", (h, d)))
+    env.rectify(xa.reshape(h, d), (h, d), keep=1)  # the same dims in every head
     if _call_arg(op.node, 11, "logit_scale") is None:
         env.inexact(xa, "Swin V1 scales q by its head dim, which pruning changes")
     qkv, proj = at.qkv_weight.fqn, at.proj_weight.fqn
@@ -481,13 +474,7 @@ def shifted_window_attention(op: CanonicalOp, env: ChannelEnv):
     return Layout.along(out, len(shape) - 1, len(shape))
 
 
-def _merging_functions() -> tuple:
-    from torchvision.models import swin_transformer
-
-    return (swin_transformer._patch_merging_pad,)
-
-
-@op_spec("patch_merging_pad", functions=_merging_functions())
+@op_spec("patch_merging_pad", functions=(swin_transformer._patch_merging_pad,))
 def patch_merging_pad(op: CanonicalOp, env: ChannelEnv):
     """Swin's patch merging gathers the four pixels of each 2x2 patch along channels:
     ``cat([x0, x1, x2, x3], -1)``, so output channel ``i * C + j`` is input channel j."""

@@ -268,12 +268,19 @@ class ChannelEnv:
                     self.freeze(out[hole], "added to or combined with an untracked tensor")
         return self.canonical(out)
 
-    def rectify(self, atoms: np.ndarray, shape: Sequence[int], how: str = "union") -> np.ndarray:
+    def rectify(
+        self,
+        atoms: np.ndarray,
+        shape: Sequence[int],
+        how: str = "union",
+        keep: int | None = None,
+    ) -> np.ndarray:
         """Make a layout vary along one dim at most, so pruned tensors stay dense.
 
         ``how="union"``: tie the atoms along every other dim (a head split makes the
         grid (heads, head_dim); keep whole heads or the same head dims in every head,
-        per ``head_mode``). ``how="freeze"``: freeze instead (independent channels met).
+        per ``head_mode``, or along ``keep`` when the op fixes it). ``how="freeze"``:
+        freeze instead (independent channels met).
         """
         a = self.canonical(atoms)
         vary = [d for d in range(a.ndim) if a.shape[d] > 1]
@@ -282,7 +289,9 @@ class ChannelEnv:
         if how == "freeze":
             self.freeze(a, "channels in two dims of one tensor")
             return np.full((1,) * a.ndim, NO_ATOM, dtype=np.int64)
-        if self.head_mode == "heads":
+        if keep is not None:
+            keep = normalize_dim(keep, a.ndim)
+        elif self.head_mode == "heads":
             keep = vary[0]
         elif self.head_mode == "head_dim":
             keep = vary[-1]
