@@ -9,7 +9,10 @@ UNet), a fresh subprocess with a wall-time limit (``--timeout``) and an address-
 1. build the model (no downloads), eval mode, then randomise every parameter and every
    norm statistic with a fixed seed (library inits zero residual branches and heads, which
    would make the oracle blind);
-2. ``fxprune.prune(model, x, ratio=0.5, round_to=8, ignore=[head])`` with ``verify=True``
+2. ``fxprune.prune(model, x, ratio=0.5, round_to=8, ignore=[head], pad_outputs=True)``
+   with ``verify=True`` (outputs keep their shape: a feature output, such as an encoder's
+   hidden states or the features a detector's opaque heads read, is pruned and padded back
+   with zeros; a classifier head is kept)
    (the correctness oracle): status, exact or not, max error against the masked original
    (for inexact results from ``fxprune.verify(..., exact=False)``, with forward and output
    shapes checked), MACs (``fxprune.count_macs``) and parameters before and after, time;
@@ -624,7 +627,13 @@ def run_fxprune(built: Built, limit: float) -> tuple[dict[str, Any], Any]:
         with time_limit(limit):
             start = time.perf_counter()
             res = fxprune.prune(
-                model, x, ratio=RATIO, round_to=ROUND_TO, ignore=built.heads or None, verify=True
+                model,
+                x,
+                ratio=RATIO,
+                round_to=ROUND_TO,
+                ignore=built.heads or None,
+                pad_outputs=True,
+                verify=True,
             )
             rec["prune_s"] = time.perf_counter() - start
             report = res.report
@@ -1381,7 +1390,10 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"Every model: random weights (every parameter and norm statistic, seed {SEED}), "
         f"ratio {env['ratio']}, round_to {env['round_to']}, its head kept (fxprune `ignore=`, "
-        "TP `ignored_layers=`). fxprune runs with `verify=True`: *exact* results equal the "
+        "TP `ignored_layers=`); fxprune's other outputs keep their shape, not their channels "
+        "(`pad_outputs=True`: an encoder's hidden states, or the FPN features a detector's "
+        "opaque heads read, are pruned and padded back with zeros; TP changes their shape "
+        "instead). fxprune runs with `verify=True`: *exact* results equal the "
         "masked original (the oracle held); *inexact* ones (a norm over pruned channels) "
         "ran, with the output shapes of the original and the max error relative to the "
         "output scale. MACs: `fxprune.count_macs` for both tools (TP's own counter for both "

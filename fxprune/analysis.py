@@ -86,11 +86,15 @@ class IgnoreSpec:
     ``exact_only``: every channel whose removal is inexact stays (``exact_only=True``): a
     transformer's residual stream, which LayerNorm / RMSNorm normalise, so that only heads
     and FFN widths are pruned and the oracle proves the result.
+    ``pad_outputs``: the model's outputs keep their shape, not their channels
+    (``pad_outputs=True``): channels reaching an output are pruned and the output padded
+    back with zeros where they were.
     """
 
     outputs: tuple[str, ...] = ()
     frozen: tuple[str, ...] = ()
     exact_only: bool = False
+    pad_outputs: bool = False
 
 
 def ignored_prefixes(model: nn.Module, ignore: Any, argument: str = "ignore") -> tuple[str, ...]:
@@ -180,6 +184,7 @@ def ignore_spec(
     freeze_inputs: Any = None,
     ignored_layers: Any = None,
     exact_only: bool = False,
+    pad_outputs: bool = False,
 ) -> IgnoreSpec:
     """Resolve ``ignore=`` (or ``ignored_layers=``) and ``freeze_inputs=`` against ``model``.
 
@@ -204,6 +209,7 @@ def ignore_spec(
         outputs=tuple(n for n in given if n not in tensors),
         frozen=tuple(n for n in given if n in tensors) + frozen,
         exact_only=bool(exact_only),
+        pad_outputs=bool(pad_outputs),
     )
 
 
@@ -221,6 +227,7 @@ def analysis_passes(ignored: IgnoreSpec | None = None, head_mode: str = "auto") 
         keep_outputs=ignored.outputs,
         freeze=ignored.frozen,
         exact_only=ignored.exact_only,
+        pad_outputs=ignored.pad_outputs,
     )
     return [propagate, BuildGroupsPass()]
 
@@ -244,6 +251,7 @@ def analyze(
     freeze_inputs: Iterable[Any] | None = None,
     ignored_layers: Iterable[Any] | None = None,
     exact_only: bool = False,
+    pad_outputs: bool = False,
     **trace_kwargs: Any,
 ) -> ChannelAnalysis:
     """Trace ``model`` and return its prune groups (the model is not modified).
@@ -254,6 +262,7 @@ def analyze(
     they read included.
     ``exact_only``: keep every channel whose removal is inexact (the residual stream of a
     transformer, normalised by LayerNorm): only exact groups (heads, FFN widths) are prunable.
+    ``pad_outputs``: channels reaching the model's outputs are prunable (see :func:`prune`).
     ``head_mode``: how a split of channels into (heads, head_dim) is kept dense —
     ``"heads"`` prunes whole heads, ``"head_dim"`` the same dims in every head,
     ``"auto"`` keeps the finer of the two.
@@ -268,10 +277,11 @@ def analyze(
             frontend=frontend,
             head_mode=head_mode,
             exact_only=exact_only,
+            pad_outputs=pad_outputs,
             **trace_kwargs,
         )
     )
-    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only, pad_outputs)
     gm = trace(model, example_inputs, frontend=frontend, **trace_kwargs)
     groups, env = run_analysis(gm, ignored, head_mode)
     return ChannelAnalysis(gm, groups, env, gm.meta.get("fxprune.frontend", frontend))

@@ -103,6 +103,7 @@ def prune(
     freeze_inputs: Iterable[Any] | None = None,
     ignored_layers: Iterable[Any] | None = None,
     exact_only: bool = False,
+    pad_outputs: bool = False,
     max_ratio: float = 0.9,
     min_channels: int = 1,
     head_mode: str | None = None,
@@ -132,6 +133,9 @@ def prune(
     read included (``freeze_inputs=[model.fc]`` also keeps fc's in_features).
     ``exact_only``: keep every group whose removal is inexact: a transformer's residual
     stream (LayerNorm normalises it) stays whole, only heads and FFN widths are pruned.
+    ``pad_outputs``: outputs keep their shape, not their channels: what reaches one is
+    pruned, and zeros fill the pruned positions (as in the masked original). For models
+    whose output is their features (an encoder's hidden states, a backbone's maps).
     ``verify``: run the correctness oracle (raises on a mismatch).
 
     ``model`` is left untouched, unless ``inplace=True``: then, once pruning has succeeded,
@@ -146,30 +150,19 @@ def prune(
     if mode == "mask":
         return _mask_mode(locals())
     validate.eval_mode_for_export(model, frontend, verify)
-    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only)
+    ignored = ignore_spec(model, ignore, freeze_inputs, ignored_layers, exact_only, pad_outputs)
     overrides = ratio_overrides(model, ratios)
     work = copy.deepcopy(model)  # inplace=True too: the model changes only once pruning succeeded
     grads = None
     if importance == "taylor":
         grads = taylor_grads(copy.deepcopy(model), calibration, loss_fn)
     options = dict(
-        ratio=ratio,
-        importance=importance,
-        round_to=round_to,
-        align=align,
-        global_ranking=global_ranking,
-        target_macs=target_macs,
-        verify=verify,
-        ratios=overrides,
-        max_ratio=max_ratio,
-        min_channels=min_channels,
-        head_mode=head_mode,
-        reduction=reduction,
-        normalize=normalize,
-        grads=grads,
-        instruments=instruments,
-        check=check,
-    )
+        ratio=ratio, importance=importance, round_to=round_to, align=align,
+        global_ranking=global_ranking, target_macs=target_macs, verify=verify,
+        ratios=overrides, max_ratio=max_ratio, min_channels=min_channels,
+        head_mode=head_mode, reduction=reduction, normalize=normalize, grads=grads,
+        instruments=instruments, check=check,
+    )  # fmt: skip
     try:
         gm = trace(work, example_inputs, frontend, tuple(leaf_modules), concrete_args)
     except TraceError as exc:
@@ -581,6 +574,7 @@ class Pruner:
             self.options.pop("freeze_inputs", None),
             self.options.pop("ignored_layers", None),
             self.options.pop("exact_only", False),
+            self.options.pop("pad_outputs", False),
         )
         self.ratios = ratio_overrides(model, self.options.pop("ratios"))
         leaf_modules = tuple(self.options.pop("leaf_modules"))

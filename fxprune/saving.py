@@ -379,10 +379,12 @@ def _plan_json(result: PruneResult, model_spec: str | None, aliases: dict[str, s
 
 
 def _stage_json(stage: PlanStage) -> dict[str, Any]:
+    extra = {"pad_outputs": True} if stage.ignored.pad_outputs else {}
     return {
         "head_mode": stage.head_mode,
         "ignore": list(stage.ignored.outputs),
         "freeze": list(stage.ignored.frozen),
+        **extra,
         "group_sizes": {str(g): n for g, n in stage.group_sizes.items()},
         # keep / pad / drop per channel, as a compact string of digits 1 / 2 / 0
         "selection": {str(g): "".join(map(str, s.tolist())) for g, s in stage.selection.items()},
@@ -394,7 +396,11 @@ def _stage_from(data: dict[str, Any], version: int = FORMAT_VERSION) -> PlanStag
         if version < 2:  # v1's ignore froze every channel the names touch
             ignored = IgnoreSpec(frozen=tuple(data["ignore"]))
         else:
-            ignored = IgnoreSpec(tuple(data["ignore"]), tuple(data["freeze"]))
+            ignored = IgnoreSpec(
+                tuple(data["ignore"]),
+                tuple(data["freeze"]),
+                pad_outputs=data.get("pad_outputs", False) is True,
+            )
         selection = {
             int(g): torch.tensor([int(c) for c in s], dtype=torch.int8)
             for g, s in data["selection"].items()

@@ -226,6 +226,7 @@ def prune_arguments(args: Mapping[str, Any], *, gradients_given: bool = False) -
         ),
         "global_ranking": lambda v: boolean("global_ranking", v),
         "exact_only": lambda v: boolean("exact_only", v),
+        "pad_outputs": lambda v: boolean("pad_outputs", v),
         "target_macs": lambda v: _check_optional(
             number_in,
             "target_macs",

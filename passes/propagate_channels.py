@@ -48,14 +48,21 @@ class PropagateChannelsPass(Pass):
         keep_outputs: tuple[str, ...] = (),
         freeze: tuple[str, ...] = (),
         exact_only: bool = False,
+        pad_outputs: bool = False,
     ) -> None:
         self.head_mode = head_mode
+        self.pad_outputs = pad_outputs  # outputs pruned, padded back to their shape
         self.keep_outputs = tuple(keep_outputs)  # module prefixes: their output channels stay
         self.freeze = tuple(freeze)  # module or parameter prefixes: every channel stays
         self.exact_only = exact_only  # channels whose removal is inexact stay
 
     def call(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        env = ChannelEnv(gm, head_mode=self.head_mode, param_alias=param_aliases(gm))
+        env = ChannelEnv(
+            gm,
+            head_mode=self.head_mode,
+            param_alias=param_aliases(gm),
+            pad_outputs=self.pad_outputs,
+        )
         for node in gm.graph.nodes:
             env.node = node
             op = canonicalize(node, gm)

@@ -26,6 +26,7 @@ from fxprune.errors import PostconditionError
 from fxprune.ops import canonicalize
 from fxprune.pass_infra import Pass, PassContext, PassResult
 from fxprune.passes.channel_rules import SurgeryEnv
+from fxprune.passes.channel_rules.boundary import unprune_channels, unprune_index
 from fxprune.passes.propagate_channels import param_aliases
 from fxprune.passes.select_channels import DROP, KEEP, PAD
 from fxprune.tensors import set_tensor
@@ -127,6 +128,7 @@ class SurgeryPass(Pass):
         for fqn, dims in kept.items():
             set_tensor(gm, fqn, slice_tensor(state[fqn], dims), cache)
         self._rewrite_ops(gm, plan, planned)
+        self._pad_outputs(gm, plan)
         gm.recompile()
         gm.graph.lint()
         if ctx.example_inputs is not None:
@@ -168,6 +170,20 @@ class SurgeryPass(Pass):
                     f"after surgery {meta.describe(node)} has shape {list(got)}, planned "
                     f"{list(want)}: an op changed shape in a way the channel rules did not predict."
                 )
+
+    @staticmethod
+    def _pad_outputs(gm: fx.GraphModule, plan: ChannelPlan) -> None:
+        """Outputs pruned with ``pad_outputs``: their kept channels go back to their places
+        among zeros (:func:`unprune_channels`), so the output has its original shape."""
+        out = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        for node, dim in plan.env.padded_outputs.items():
+            lay, shape = meta.get(node, meta.LAYOUT), meta.shape_of(node)
+            alive = plan.line(lay, dim, shape[dim]) != DROP
+            if alive.all():
+                continue
+            with gm.graph.inserting_before(out):
+                padded = gm.graph.call_function(unprune_channels, (node, unprune_index(alive), dim))
+            out.replace_input_with(node, padded)
 
     # -- per-op rewrites ----------------------------------------------------------------------
     @staticmethod

@@ -346,6 +346,43 @@ class LayerNormMLP(nn.Module):
         return self.fc(self.norm(torch.relu(self.inp(x))))
 
 
+class SelectiveKernel(nn.Module):
+    """SKNet: branches stacked along a new dim, weighted by an attention over them, summed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.paths = nn.ModuleList(nn.Conv2d(16, 16, 3, padding=d, dilation=d) for d in (1, 2))
+        self.reduce = nn.Conv2d(16, 8, 1)
+        self.select = nn.Conv2d(8, 32, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = torch.stack([torch.relu(p(x)) for p in self.paths], dim=1)  # (B, 2, C, H, W)
+        s = self.reduce(y.sum(1).mean((2, 3), keepdim=True))
+        a = self.select(torch.relu(s)).view(x.shape[0], 2, 16, 1, 1).softmax(1)
+        return self.head((y * a).sum(1))
+
+
+class Affine(nn.Module):
+    """ResMLP's affine, ``addcmul(beta, alpha, x)``: a per-channel scale and shift."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 16)
+        self.alpha = nn.Parameter(torch.rand(16) + 0.5)
+        self.beta = nn.Parameter(torch.randn(16))
+        self.fc = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        x = self.inp(x)
+        x = x + self.out(torch.relu(self.fc(torch.addcmul(self.beta, self.alpha, x))))
+        return self.head(x)
+
+
 IMAGE = (1, 3, 8, 8)
 SEQ = (2, 6, 32)
 
@@ -375,6 +412,8 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "layer_scale": (LayerScale().eval(), torch.randn(2, 6, 8)),
         "no_rule": (NoRule().eval(), img),
         "layer_norm": (LayerNormMLP().eval(), torch.randn(2, 6, 8)),
+        "selective_kernel": (SelectiveKernel().eval(), img),
+        "affine": (Affine().eval(), torch.randn(2, 6, 8)),
     }
 
 
@@ -403,4 +442,6 @@ EXPECTED_EXACT: dict[str, bool] = {
     "layer_scale": True,
     "no_rule": True,  # its channels are frozen; the rest is plain conv
     "layer_norm": False,  # LayerNorm normalises over the pruned channels
+    "selective_kernel": True,  # the softmax runs over the stacked branches, not channels
+    "affine": True,  # beta + alpha * x per channel; a pruned channel's beta is zero too
 }

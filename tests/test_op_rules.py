@@ -206,6 +206,9 @@ ROWS = [
     Row("gelu_dropout", img(nn.Sequential(nn.GELU(), nn.Dropout(0.1))), together=A_C),
     Row("prelu", img(nn.PReLU(8)), together=(*A_C, "op.weight:0")),
     Row("mul_scalar", img(lambda y: y * 2), together=A_C),
+    # addcmul(input, t1, t2) = input + t1 * t2 (ConvNeXt-V2's GRN, ResMLP's affine): all join
+    Row("addcmul", Net(lambda m, x: m.c(torch.addcmul(m.beta, m.alpha, m.a(x))), TOKENS, a=lin(6, 8), alpha=nn.Parameter(torch.randn(8)), beta=nn.Parameter(torch.randn(8)), c=lin(8, 2)), together=(*A_C, "alpha:0", "beta:0")),
+
     # a pruned channel that turns non-zero (sigmoid(0) = 0.5, 0 + 1) is still read by c: inexact
     Row("sigmoid", img(torch.sigmoid), together=A_C, inexact={"a.weight:0": NONZERO}),
     Row("add_scalar", img(lambda y: y + 1), together=A_C, inexact={"a.weight:0": NONZERO}),
@@ -218,6 +221,9 @@ ROWS = [
     # there are more tokens than channels; a computed (untracked) token freezes them
     Row("cat_token", Net(cat_token, (1, 20, 6), a=lin(6, 8), cls=nn.Parameter(torch.randn(1, 1, 8)), c=lin(8, 2)), together=(*A_C, "cls:2"), structure="channels"),
     Row("cat_untracked", Net(lambda m, x: m.c(torch.cat([x.new_zeros(1, 1, 8), m.a(x)], 1)), TOKENS, a=lin(6, 8), c=lin(8, 2)), frozen={"a.weight:0": "untracked"}),
+    # stack along a new dim (selective-kernel branches): the parts hold the same channels
+    Row("stack", two(lambda u, v: torch.stack([u, v], 1).sum(1)), together=(*A_C, "b.weight:0")),
+    Row("stack_last", two(lambda u, v: torch.stack([u, v], -1).amax(-1)), together=(*A_C, "b.weight:0")),
     # chunk / split / slice along channels: each piece keeps its slice of one group
     Row("chunk", Net(chunk_two, a=conv(3, 8), p=conv(4, 2), q=conv(4, 2)), together=("a.weight:0", "p.weight:1", "q.weight:1"), maps={"p.weight:1": r(4), "q.weight:1": r(4, 4)}),
     Row("split", img(lambda y: y.split([2, 6], 1)[1], c=conv(6, 4)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": r(6, 2)}),

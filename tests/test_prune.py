@@ -58,6 +58,8 @@ def test_micro_models_really_shrink():
         "gqa",
         "rotary",
         "layer_scale",
+        "selective_kernel",
+        "affine",
     ]:
         model, x = MODELS[name]
         res = fxprune.prune(model, x, ratio=0.5)

@@ -85,11 +85,18 @@ class ChannelEnv:
     """What a rule can see and do while channels propagate through one graph."""
 
     def __init__(
-        self, gm: fx.GraphModule, head_mode: str = "auto", param_alias: dict[str, str] | None = None
+        self,
+        gm: fx.GraphModule,
+        head_mode: str = "auto",
+        param_alias: dict[str, str] | None = None,
+        pad_outputs: bool = False,
     ) -> None:
         self.gm = gm
         self.table = AtomTable()
         self.head_mode = head_mode
+        # Outputs pruned and padded back to their shape (pad_outputs): node -> channel dim.
+        self.pad_outputs = pad_outputs
+        self.padded_outputs: dict[fx.Node, int] = {}
         self.layouts: dict[fx.Node, Any] = {}
         # (param fqn, dim) -> atoms along that dim; "source" dims created fresh atoms.
         self.param_atoms: dict[tuple[str, int], np.ndarray] = {}

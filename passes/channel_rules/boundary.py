@@ -10,13 +10,25 @@ here give them their rules, and list the calls that only ever compute numbers.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxprune import meta
 from fxprune.channels import Layout
-from fxprune.ops import CanonicalOp, OpKind, canonicalize
-from fxprune.passes.channel_rules.base import ChannelEnv, nested_nodes, op_spec
+from fxprune.ops import Attrs, CanonicalOp, OpKind, canonicalize
+from fxprune.passes.channel_rules.base import (
+    ChannelEnv,
+    SurgeryEnv,
+    default_rule,
+    nested_nodes,
+    op_spec,
+)
+from fxprune.passes.select_channels import DROP
 
 logger = logging.getLogger(__name__)
 
@@ -89,9 +101,104 @@ def param(op: CanonicalOp, env: ChannelEnv):
 
 @op_spec(OpKind.OUTPUT.value)
 def output(op: CanonicalOp, env: ChannelEnv):
+    """What reaches the model output keeps its channels, or with ``pad_outputs`` its shape.
+
+    With ``pad_outputs``, an output whose channels run along one dim and read as zero when
+    pruned (``Layout.zero``) is pruned like any other tensor; surgery then puts its kept
+    channels back at their positions among zeros (:func:`unprune_channels`), which is
+    what the masked original outputs, so callers see the original shape.
+    """
     for n in nested_nodes(op.node.args):
         lay = env.layouts.get(n)
         for one in lay if isinstance(lay, list) else [lay]:
-            if isinstance(one, Layout):
-                env.freeze_layout(one, "reaches the model output")
+            if not isinstance(one, Layout) or not one.is_tracked():
+                continue
+            why = _unpaddable(one, env) if env.pad_outputs and not isinstance(lay, list) else ""
+            if env.pad_outputs and not why:
+                dim = Layout(env.canonical(one.atoms)).channel_dim()
+                env.padded_outputs.setdefault(n, dim)
+                continue
+            env.freeze_layout(one, "reaches the model output" + (f" ({why})" if why else ""))
     return None
+
+
+def _unpaddable(lay: Layout, env: ChannelEnv) -> str:
+    """Why an output's pruned channels cannot be padded back with zeros ('' if they can)."""
+    if Layout(env.canonical(lay.atoms)).channel_dim() is None:
+        return "its channels run along several dims, so zero padding cannot restore its shape"
+    if not lay.zero:
+        return "its pruned channels are not zero in the masked original, so padding with zeros would change it"
+    return ""
+
+
+def unprune_channels(x: torch.Tensor, index: Sequence[int], dim: int) -> torch.Tensor:
+    """``x`` widened back along ``dim``: position ``i`` is ``x``'s channel ``index[i]``, or
+    zero where ``index[i] == x.shape[dim]`` (a pruned channel).
+
+    What surgery puts before a model output pruned with ``pad_outputs=True``: one zero
+    channel appended, then a gather (ONNX ``Pad`` and ``Gather``). The index is a graph
+    constant, as sizes are, so a later surgery rewrites it and no tensor of the model changes.
+    """
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, 1]
+    return torch.index_select(F.pad(x, pad), dim, torch.as_tensor(index, device=x.device))
+
+
+@dataclass(frozen=True)
+class UnpruneAttrs(Attrs):
+    index: tuple[int, ...]
+    dim: int
+
+
+def _unprune_view(op: CanonicalOp) -> CanonicalOp:
+    index = op.arg(1, "index")
+    ok = isinstance(index, (list, tuple)) and all(isinstance(i, int) for i in index)
+    return op.with_(
+        inputs=op.inputs[:1], attrs=UnpruneAttrs(tuple(index) if ok else (), op.arg(2, "dim"))
+    )
+
+
+def _unprune_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
+    """A later step (Pruner) pruned the channels it reads: point the index at their new places."""
+    src = op.inputs[0]
+    lay, shape = meta.get(src, meta.LAYOUT), meta.shape_of(src)
+    if not isinstance(lay, Layout) or shape is None or not op.attrs.index:
+        return
+    dim, size = op.attrs.dim, shape[op.attrs.dim]
+    alive = s.plan.line(lay, dim, size) != DROP
+    if alive.all():
+        return
+    op.node.update_arg(1, unprune_index(alive, op.attrs.index, size))
+
+
+def unprune_index(
+    alive: np.ndarray, index: Sequence[int] | None = None, size: int = 0
+) -> list[int]:
+    """Where each output position reads from once the channels not ``alive`` are gone.
+
+    ``index``: the current one (``size``: the width it reads), or None for a first cut,
+    where position ``i`` reads channel ``i``. A removed channel reads the zero slot, which
+    is the new width.
+    """
+    new_pos = np.cumsum(alive) - 1
+    zero = int(alive.sum())
+    if index is None:
+        return np.where(alive, new_pos, zero).tolist()
+    old = np.asarray(index, dtype=np.int64)
+    live = old < size
+    live[live] = alive[old[live]]
+    return np.where(live, new_pos[np.minimum(old, size - 1)], zero).tolist()
+
+
+@op_spec(
+    "unprune_channels", functions=(unprune_channels,), view=_unprune_view, rewrite=_unprune_rewrite
+)
+def unprune(op: CanonicalOp, env: ChannelEnv):
+    """Reads its input's channels like a layer reads its inputs: they may go, as long as they
+    are zero when pruned; what it outputs is the original width, so it makes no channels."""
+    lay = env.layout(op.inputs[0])
+    if lay is None or not op.attrs.index:
+        return default_rule(op, env)
+    why = _unpaddable(lay, env) if lay.is_tracked() else ""
+    if why or (lay.is_tracked() and Layout(env.canonical(lay.atoms)).channel_dim() != op.attrs.dim):
+        env.freeze_layout(lay, f"read by unprune_channels: {why or 'channels along another dim'}")
+    return env.untracked(op.node)

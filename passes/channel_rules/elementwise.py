@@ -110,6 +110,8 @@ _BINARY = (
     "maximum",
     "minimum",
     "where",
+    "addcmul",  # input + value * tensor1 * tensor2 (GRN, ResMLP's affine)
+    "addcdiv",
 )
 _ACTIVATIONS = (
     nn.ReLU,
@@ -293,6 +295,10 @@ def _zero_preserving(op: CanonicalOp, lays: list[Layout]) -> bool:
         return any(x.zero and x.is_tracked() for x in lays) or all(x.zero for x in lays)
     if name in ("div", "div_", "truediv", "itruediv"):
         return lays[0].zero and not lays[1].is_tracked()
+    if name == "addcmul" and len(lays) == 3:
+        return lays[0].zero and _zero_preserving(op.with_(name="mul"), lays[1:])
+    if name == "addcdiv" and len(lays) == 3:
+        return lays[0].zero and lays[1].zero and not lays[2].is_tracked()
     return False
 
 

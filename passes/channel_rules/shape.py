@@ -114,6 +114,34 @@ def cat(op: CanonicalOp, env: ChannelEnv):
     return Layout(atoms, all(lay.zero for lay, _ in parts))
 
 
+def _stack_view(op: CanonicalOp) -> CanonicalOp:
+    tensors = op.arg(0, "tensors")
+    return op.with_(name="stack", inputs=list(tensors), attrs=CatAttrs(op.arg(1, "dim", 0)))
+
+
+@op_spec("stack", ops=("stack",), view=_stack_view)
+def stack(op: CanonicalOp, env: ChannelEnv):
+    """Tensors stacked along a new dim (selective-kernel branches, per-scale features).
+
+    Each part holds the same channels, position by position, as tokens joined along a
+    dim the channels do not run along: their channels unify, and an untracked part
+    freezes them.
+    """
+    out_shape = env.shape(op.node)
+    if out_shape is None or not op.inputs:
+        return default_rule(op, env)
+    dim = normalize_dim(int(op.attrs.dim), len(out_shape))
+    parts = [(env.layout(n), env.shape(n)) for n in op.inputs]
+    if any(lay is None or s is None or len(s) + 1 != len(out_shape) for lay, s in parts):
+        return default_rule(op, env)
+    flat = [1 if d == dim else n for d, n in enumerate(out_shape)]
+    items = []
+    for lay, s in parts:
+        atoms = lay.atoms.reshape((1,) * (len(s) - lay.atoms.ndim) + lay.atoms.shape)
+        items.append((Layout(np.expand_dims(atoms, dim), lay.zero), flat))
+    return Layout(env.unify(items, flat), all(lay.zero for lay, _ in parts))
+
+
 def _split_view(op: CanonicalOp) -> CanonicalOp:
     a = op.arg
     if op.name == "unbind":
