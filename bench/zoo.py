@@ -381,6 +381,21 @@ def _runs(model: Any, inputs: Any) -> bool:
     return True
 
 
+# torchvision detectors' prediction layers (objectness, class scores, box deltas, masks,
+# keypoints): their output channels are what the detector predicts, so they are kept.
+DETECTION_HEADS = (
+    "cls_logits",
+    "bbox_pred",
+    "bbox_reg",
+    "bbox_ctrness",
+    "box_predictor",
+    "mask_fcn_logits",
+    "kps_score_lowres",
+    "classification_head.module_list",
+    "regression_head.module_list",
+)
+
+
 def build_torchvision(name: str, size: int | None) -> Built:
     import torch
     import torchvision
@@ -400,7 +415,8 @@ def build_torchvision(name: str, size: int | None) -> Built:
             notes.append(f"min_size=max_size={side}")
         except (TypeError, ValueError):
             model = torchvision.models.get_model(name, **kwargs)
-        return Built(model.eval(), ([torch.randn(3, side, side)],), [], kind, notes)
+        heads = [m for n, m in model.named_modules() if n.endswith(DETECTION_HEADS)]
+        return Built(model.eval(), ([torch.randn(3, side, side)],), heads, kind, notes)
     model = torchvision.models.get_model(name, **kwargs).eval()
     if kind == "classification":
         side = size or (299 if name == "inception_v3" else 224)
@@ -474,8 +490,11 @@ def build_yolo(name: str, size: int | None) -> Built:
         raise ValueError(f"no YOLO model {name!r} (choose from {', '.join(YOLO_MODELS)})")
     model = YOLO(f"{name}.yaml").model.eval()  # the architecture only: no weights
     detect = model.model[-1]
+    # The prediction layers (box distribution, class scores, per level) and the DFL decoder
+    # are kept, as a torchvision detector's are; the convs before them are pruned.
+    heads = [branch[-1] for branch in (*detect.cv2, *detect.cv3)] + [detect.dfl]
     side = size or 320
-    return Built(model, torch.randn(1, 3, side, side), [detect], "yolo", [])
+    return Built(model, torch.randn(1, 3, side, side), heads, "yolo", [])
 
 
 def build_diffusers(name: str, size: int | None) -> Built:
@@ -925,7 +944,11 @@ def export_onnx(model: Any, inputs: Any, folder: Path, stem: str) -> dict[str, A
     path = folder / f"{stem}.onnx"
     start = time.perf_counter()
     try:
-        result = fxprune.export.to_onnx(model, inputs, path)
+        # A list of unbatched images (torchvision's detectors) has no batch dim to free.
+        batched = not any(
+            isinstance(a, list) for a in (inputs if isinstance(inputs, tuple) else ())
+        )
+        result = fxprune.export.to_onnx(model, inputs, path, dynamic_batch=batched)
         rec.update(to_onnx_max_abs_err=result.max_abs_err, opset=result.opset)
         rec.update(_ort_check(path, model, inputs))
     except StageTimeout:
@@ -1390,7 +1413,9 @@ def render_markdown(data: dict[str, Any]) -> str:
         "",
         f"Every model: random weights (every parameter and norm statistic, seed {SEED}), "
         f"ratio {env['ratio']}, round_to {env['round_to']}, its head kept (fxprune `ignore=`, "
-        "TP `ignored_layers=`); fxprune's other outputs keep their shape, not their channels "
+        "TP `ignored_layers=`; for a detector its prediction layers: torchvision's class, "
+        "box, mask and keypoint predictors, YOLO's per-level prediction convs and DFL); "
+        "fxprune's other outputs keep their shape, not their channels "
         "(`pad_outputs=True`: an encoder's hidden states, or the FPN features a detector's "
         "opaque heads read, are pruned and padded back with zeros; TP changes their shape "
         "instead). fxprune runs with `verify=True`: *exact* results equal the "

@@ -1,7 +1,8 @@
 """Lower a PyTorch module to a checked ONNX file whose numbers agree with PyTorch.
 
-`to_onnx` exports with the dynamo exporter (optionally with a dynamic batch dimension and
-in float16), runs the full ONNX checker, then runs the file in ONNX Runtime on the CPU
+`to_onnx` exports with the dynamo exporter (the TorchScript exporter where torch.export
+cannot capture the model, as for torchvision's detectors; optionally with a dynamic batch
+dimension and in float16), runs the full ONNX checker, then runs the file in ONNX Runtime on the CPU
 and compares every output with the PyTorch module. The file appears at its path only
 after all of that passed, so a reader never sees a half-written or unverified model.
 """
@@ -476,6 +477,76 @@ def _check_arguments(
             )
 
 
+def _tensor_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[str]:
+    """Names of the forward arguments that are tensors themselves (not lists of them)."""
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = {**{f"input_{i}": a for i, a in enumerate(args)}, **kwargs}
+    return {n for n, v in bound.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
+
+
+class _ScriptProgram:
+    """What the TorchScript exporter wrote, read back as an ONNX IR model: the two things
+    :func:`to_onnx` uses of the dynamo exporter's ``ONNXProgram``."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def save(self, path: str | os.PathLike, external_data: bool = False) -> None:
+        import onnx_ir as ir
+
+        ir.save(
+            self.model, path, external_data=f"{Path(path).name}.data" if external_data else None
+        )
+
+
+def _export_torchscript(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+    opset: int | None,
+    reference: Sequence[tuple[str, torch.Tensor]],
+) -> _ScriptProgram:
+    """Export with ``torch.onnx.export(..., dynamo=False)`` (tracing, as torchvision's own
+    ONNX tests do for its detectors), to a temporary file read back into memory."""
+    import tempfile
+
+    import onnx_ir as ir
+
+    named = named_tensor_inputs(module, args, kwargs)
+    names = [n for n, _ in named]
+    axes = None
+    if dynamic_shapes is not None:
+        # Only a tensor argument has a batch dim; one in a list is a sample (a detector's
+        # unbatched images), and the list's length is fixed by tracing.
+        axes = {n: {0: "batch"} for n, t in named if n in _tensor_arguments(module, args, kwargs)}
+        if not axes:
+            raise ExportError(
+                "no input is a batched tensor (a list of unbatched images?), so the batch "
+                "cannot be dynamic: export with dynamic_batch=False"
+            )
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer warns on every python-level shape read
+        file = Path(tmp) / "model.onnx"
+        torch.onnx.export(
+            module,
+            args + ((kwargs,) if kwargs else ()),
+            str(file),
+            dynamo=False,
+            opset_version=opset or 17,
+            input_names=names,
+            output_names=[n for n, _ in reference],
+            dynamic_axes=axes,
+        )
+        model = ir.load(file)
+        for value in model.graph.initializers.values():  # read before the folder goes
+            if value.const_value is not None:
+                value.const_value = ir.Tensor(value.const_value.numpy())
+    return _ScriptProgram(model)
+
+
 def _write_checked(program, path: Path, named_inputs, reference, large: bool, rtol, atol, fp16):
     """Save ``program`` beside ``path``, check it (ONNX checker, ONNX Runtime vs ``reference``)
     and move it into place; nothing is written at ``path`` when a check fails."""
@@ -516,6 +587,8 @@ def _export(
     opset: int | None,
     reference: Sequence[tuple[str, torch.Tensor]],
 ):
+    """The dynamo exporter's program; where torch.export cannot capture the model (a
+    torchvision detector's data-dependent box decoding and NMS), the TorchScript exporter's."""
     with warnings.catch_warnings():
         # One shared Dim for every input's batch makes the exporter say it keeps one name.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
@@ -532,15 +605,29 @@ def _export(
                 report=False,
             )
         except Exception as exc:  # the exporter raises many types; all mean "could not export"
-            hint = (
-                " If the model fixes its batch size somewhere, retry with dynamic_batch=False."
-                if dynamic_shapes is not None
-                else ""
+            try:
+                program = _export_torchscript(
+                    module, args, kwargs, dynamic_shapes, opset, reference
+                )
+            except Exception as script_exc:
+                hint = (
+                    " If the model fixes its batch size somewhere (or takes a list of "
+                    "unbatched images, as torchvision's detectors do), retry with "
+                    "dynamic_batch=False."
+                    if dynamic_shapes is not None
+                    else ""
+                )
+                raise ExportError(
+                    f"torch.onnx.export (dynamo) failed for {type(module).__name__}: "
+                    f"{type(exc).__name__}: {exc}; the TorchScript exporter failed too: "
+                    f"{type(script_exc).__name__}: {script_exc}.{hint}"
+                ) from exc
+            logger.info(
+                "the dynamo exporter failed for %s (%s: %s); exported with the TorchScript exporter",
+                type(module).__name__,
+                type(exc).__name__,
+                str(exc).splitlines()[0] if str(exc) else "",
             )
-            raise ExportError(
-                f"torch.onnx.export (dynamo) failed for {type(module).__name__}: "
-                f"{type(exc).__name__}: {exc}{hint}"
-            ) from exc
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program

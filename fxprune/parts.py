@@ -182,12 +182,16 @@ def prune_parts(
     )
     results = []
     for part in parts:
-        res = prune_graph(
-            part.gm,
-            part.inputs,
-            ignored=part_ignore(ignored, part.path),
-            **{**options, **_names_inside(options, part.path)},
-        )
+        try:
+            res = prune_graph(
+                part.gm,
+                part.inputs,
+                ignored=part_ignore(ignored, part.path),
+                **{**options, **_names_inside(options, part.path)},
+            )
+        except PruneError as exc:  # this part's channels cannot go as asked: it stays whole
+            logger.warning("%s: part %s left as it is: %s", type(model).__name__, part.path, exc)
+            continue
         parent, _, name = part.path.rpartition(".")
         setattr(work.get_submodule(parent) if parent else work, name, res.module)
         results.append((part.path, res))

@@ -51,12 +51,21 @@ def _slice_norms(t: torch.Tensor, dim: int, p: float) -> torch.Tensor:
 
 
 def _per_channel(values: torch.Tensor, index_map: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-position values summed into the group's channels; scores live on the CPU, with
-    the rest of the channel bookkeeping, whatever device the weights are on."""
+    """Per-position values averaged into the group's channels (NaN: a channel this member
+    does not hold); scores live on the CPU, with the rest of the channel bookkeeping,
+    whatever device the weights are on.
+
+    The mean, not the sum: after a channel shuffle or a flatten one channel covers several
+    positions of a member, and summed it would outscore the others for covering more,
+    so the channels whose removal saves the most would always be kept (ShuffleNet's
+    stage outputs stayed whole). Where each channel holds one position, the two agree.
+    """
     out = torch.zeros(size, dtype=torch.float64)
+    count = torch.zeros(size, dtype=torch.float64)
     sel = index_map >= 0
     out.index_add_(0, index_map[sel], values.detach().to("cpu", torch.float64)[sel])
-    return out
+    count.index_add_(0, index_map[sel], torch.ones(int(sel.sum()), dtype=torch.float64))
+    return out / count  # 0 / 0: NaN, left out of the reduction over members
 
 
 class ImportancePass(Pass):
@@ -139,12 +148,14 @@ class ImportancePass(Pass):
                 fallback._parameters = self._parameters
                 return fallback.group_scores(g, params, gen)
             return torch.zeros(g.size, dtype=torch.float64)
+        # Over the members that hold each channel (a concat's reader holds all of them,
+        # each producer only its own): a member without it is no evidence either way.
         stacked = torch.stack(per_member)
         if self.reduction == "sum":
-            return stacked.sum(0)
+            return stacked.nansum(0)
         if self.reduction == "max":
-            return stacked.max(0).values
-        return stacked.mean(0)
+            return stacked.nan_to_num(float("-inf")).max(0).values.clamp(min=0)
+        return stacked.nanmean(0).nan_to_num(0.0)
 
     def _scored_members(self, g: PruneGroup, params: dict[str, torch.Tensor]) -> list:
         """The members whose values score the group's channels.

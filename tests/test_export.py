@@ -383,3 +383,25 @@ def test_outputs_the_exporter_cannot_key_are_exported_as_a_tuple(tmp_path):
         assert res.output_names == ["output.0"] and res.max_abs_err < 1e-5
     finally:
         torch.utils._pytree._deregister_pytree_node(Out)
+
+
+def test_a_detector_torch_export_cannot_capture_goes_through_torchscript(tmp_path):
+    """torchvision's detectors (data-dependent box decoding and NMS) fail in torch.export;
+    the TorchScript exporter writes them, with the same checks, at a static batch."""
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=3, box_score_thresh=0.0
+    ).eval()
+    images = ([torch.rand(3, 160, 160)],)
+    with pytest.raises(ExportError, match="dynamic_batch=False"):
+        to_onnx(model, images, tmp_path / "det_dynamic.onnx")
+    assert not (tmp_path / "det_dynamic.onnx").exists()
+    out = to_onnx(model, images, tmp_path / "det.onnx", dynamic_batch=False)
+    with torch.no_grad():
+        want = model(*images)[0]
+    assert len(want["boxes"]) > 0  # detections to compare, not empty outputs
+    sess = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
+    boxes = sess.run(None, {sess.get_inputs()[0].name: images[0][0].numpy()})[0]
+    np.testing.assert_allclose(boxes, want["boxes"].numpy(), rtol=1e-3, atol=1e-3)

@@ -201,6 +201,9 @@ ROWS = [
     Row("layer_scale_chw", Net(lambda m, x: m.c(m.g * m.a(x)), a=conv(3, 8), g=nn.Parameter(torch.ones(8, 1, 1)), c=conv(8, 4)), together=(*A_C, "g:0")),
     # a position embedding added to tokens: its last dim joins the channels
     Row("add_param", Net(lambda m, x: m.c(m.a(x) + m.pos), TOKENS, a=lin(6, 8), pos=nn.Parameter(torch.randn(1, 5, 8)), c=lin(8, 2)), together=(*A_C, "pos:2")),
+    # a (1, C, H, W) position embedding on an image (Visformer, PiT): its channel dim is the
+    # one lined up with the image's, not its last
+    Row("add_param_image", Net(lambda m, x: m.c(m.a(x) + m.pos), a=conv(3, 8), pos=nn.Parameter(torch.randn(1, 8, 4, 4)), c=conv(8, 4)), together=(*A_C, "pos:1"), size=8),
     # activations pass channels through; relu, gelu and dropout keep pruned (zero) channels zero
     Row("relu", img(F.relu), together=A_C),
     Row("gelu_dropout", img(nn.Sequential(nn.GELU(), nn.Dropout(0.1))), together=A_C),

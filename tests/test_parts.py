@@ -96,3 +96,24 @@ def test_count_macs_counts_an_untraceable_model_on_a_real_forward():
     macs = fxprune.count_macs(model, _images())
     conv = 16 * 16 * 2 * (3 * 16 * 9 + 16 * 32 * 9 + 32 * 32 * 9 + 32 * 4)  # 2 images, 16x16
     assert macs == conv
+
+
+def test_pad_outputs_prunes_the_features_a_part_hands_on_and_keeps_the_ignored_head():
+    """With pad_outputs the backbone's output (read by the head part) is pruned and padded
+    back; the head's prediction layer is ignored, and a part whose only groups are smaller
+    than round_to stays as it is instead of failing the whole prune."""
+    model = randomize(Detectorish())
+    kept = fxprune.prune(model, _images(), ratio=0.5, round_to=8)
+    res = fxprune.prune(
+        model, _images(), ratio=0.5, round_to=8, pad_outputs=True, ignore=[model.head[2]]
+    )
+    assert len(res.kept["backbone.3.weight"][0]) == 16  # the features the head reads
+    assert "head.2.weight" not in res.kept or 0 not in res.kept["head.2.weight"]
+    assert res.report.macs_after < kept.report.macs_after
+    assert res.report.verified == "outputs equal the masked original"
+    assert res.module(*_images()).shape == (2, 4, 16, 16)
+    model.head = nn.Conv2d(32, 4, 1)  # a part whose one group (4 channels) is < round_to
+    tiny = fxprune.prune(model, _images(), ratio=0.5, round_to=8, pad_outputs=True)
+    assert tiny.trace_options["parts"] == ["backbone"]  # the head stays as it is
+    assert "head.weight" not in tiny.kept and len(tiny.kept["backbone.3.weight"][0]) == 16
+    assert tiny.report.verified == "outputs equal the masked original"

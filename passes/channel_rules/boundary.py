@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
@@ -88,7 +89,7 @@ def param(op: CanonicalOp, env: ChannelEnv):
         # gathered per head and token pair), with several long dims: which one carries
         # channels would be a guess, so none does.
         return env.untracked(op.node)
-    dim = long[0] if len(long) == 1 else len(shape) - 1
+    dim = long[0] if len(long) == 1 else _channel_dim_of_param(op.node, shape, long, env)
     if shape[dim] == 1:
         return env.untracked(op.node)
     if env.head_mode == "heads" and env.is_buffer(op.node.target):
@@ -97,6 +98,25 @@ def param(op: CanonicalOp, env: ChannelEnv):
         return env.untracked(op.node)
     atoms = env.param_dim(op.node.target, dim, shape[dim])
     return Layout.along(atoms, dim, len(shape))
+
+
+def _channel_dim_of_param(node: fx.Node, shape, long: list[int], env: ChannelEnv) -> int:
+    """Which of a parameter's long dims carries channels: the one lined up (broadcast from
+    the right) with the channel dim of what it is added to or multiplied with, when that is
+    known (a ``(1, C, H, W)`` position embedding on an image: dim 1); else the last
+    (``(1, tokens, C)``)."""
+    for user in node.users:
+        for other in user.all_input_nodes:
+            lay, other_shape = env.layouts.get(other), env.shape(other)
+            if other is node or not isinstance(lay, Layout) or other_shape is None:
+                continue
+            d = Layout(env.canonical(lay.atoms)).channel_dim()
+            if d is None:
+                continue
+            mine = d - (len(other_shape) - len(shape))
+            if mine in long and shape[mine] == other_shape[d]:
+                return mine
+    return len(shape) - 1
 
 
 @op_spec(OpKind.OUTPUT.value)
