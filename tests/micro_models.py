@@ -383,6 +383,18 @@ class Affine(nn.Module):
         return self.head(x)
 
 
+class PadChannels(nn.Module):
+    """A constant channel of ones appended (LiteMLA pads v so attention also sums weights)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.c = nn.Conv2d(17, 4, 1)
+
+    def forward(self, x):
+        return self.c(F.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 0, 1), value=1.0))
+
+
 IMAGE = (1, 3, 8, 8)
 SEQ = (2, 6, 32)
 
@@ -414,6 +426,7 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "layer_norm": (LayerNormMLP().eval(), torch.randn(2, 6, 8)),
         "selective_kernel": (SelectiveKernel().eval(), img),
         "affine": (Affine().eval(), torch.randn(2, 6, 8)),
+        "pad_channels": (PadChannels().eval(), img),
     }
 
 
@@ -444,4 +457,5 @@ EXPECTED_EXACT: dict[str, bool] = {
     "layer_norm": False,  # LayerNorm normalises over the pruned channels
     "selective_kernel": True,  # the softmax runs over the stacked branches, not channels
     "affine": True,  # beta + alpha * x per channel; a pruned channel's beta is zero too
+    "pad_channels": True,  # the constant channel is no channel of a; a's channels shift
 }

@@ -263,7 +263,11 @@ ROWS = [
     Row("pool_channels", tok(lambda y: F.max_pool1d(y, 2), c=lin(4, 2)), frozen={"a.weight:0": "pools over a dim that carries channels"}),
     # padding with ones makes pruned channels non-zero where padded; padding channels freezes them
     Row("pad_ones", img(lambda y: F.pad(y, (1, 1), value=1.0)), together=A_C, inexact={"a.weight:0": NONZERO}),
-    Row("pad_channels", img(lambda y: F.pad(y, (0, 0, 0, 0, 1, 1)), c=conv(10, 4)), frozen={"a.weight:0": "padding along a channel dim"}),
+    # padding channels with constants (LiteMLA's column of ones beside v) shifts them; the
+    # constants are no channel; a crop along channels, or reflecting them, freezes them
+    Row("pad_channels", img(lambda y: F.pad(y, (0, 0, 0, 0, 1, 1)), c=conv(10, 4)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": [-1, *r(8), -1]}),
+    Row("pad_channels_ones", tok(lambda y: F.pad(y, (0, 1), value=1.0), c=lin(9, 2)), together=("a.weight:0", "c.weight:1"), maps={"c.weight:1": [*r(8), -1]}),
+    Row("crop_channels", img(lambda y: F.pad(y, (0, 0, 0, 0, -1, 0)), c=conv(7, 4)), frozen={"a.weight:0": "negative padding"}),
     # mean over spatial dims keeps the channels; over channels it mixes them
     Row("mean_spatial", img(lambda y: y.mean((2, 3)), c=lin(8, 2)), together=A_C),
     Row("mean_channels", img(lambda y: y.mean(1, keepdim=True), c=conv(1, 4)), together=("a.weight:0",), inexact={"a.weight:0": "'mean' over channels"}),

@@ -60,6 +60,7 @@ def test_micro_models_really_shrink():
         "layer_scale",
         "selective_kernel",
         "affine",
+        "pad_channels",
     ]:
         model, x = MODELS[name]
         res = fxprune.prune(model, x, ratio=0.5)

@@ -10,9 +10,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+import numpy as np
 from torch import nn
 
-from fxprune.channels import Layout
+from fxprune.channels import NO_ATOM, Layout
 from fxprune.ops import Attrs, CanonicalOp
 from fxprune.passes.channel_rules.base import ChannelEnv, default_rule, op_spec
 
@@ -114,12 +115,37 @@ def pad(op: CanonicalOp, env: ChannelEnv):
     lay = env.layout(op.inputs[0])
     shape = env.shape(op.inputs[0])
     amounts = list(op.attrs.pad or ())
-    padded = [len(shape) - 1 - i // 2 for i, p in enumerate(amounts) if p]
-    if any(lay.atoms.shape[d] > 1 for d in padded if 0 <= d < len(shape)):
-        env.freeze_layout(lay, "padding along a channel dim")
-        return env.untracked(op.node)
     value = op.node.kwargs.get("value", op.node.args[3] if len(op.node.args) > 3 else 0) or 0
     if op.node.op == "call_module" and op.module is not None:
         value = getattr(op.module, "value", 0) or 0
     mode = op.node.kwargs.get("mode", op.node.args[2] if len(op.node.args) > 2 else "constant")
-    return Layout(lay.atoms, lay.zero and (value == 0 or mode != "constant"))
+    if op.module is not None and not isinstance(op.module, nn.modules.padding._ConstantPadNd):
+        mode = "reflect or replicate"
+    atoms, spatial = lay.atoms, False  # spatial: a dim of no channel is padded
+    for i in range(0, len(amounts) - 1, 2):
+        d = len(shape) - 1 - i // 2
+        before, after = amounts[i], amounts[i + 1]
+        if not (before or after) or not 0 <= d < len(shape):
+            continue
+        if atoms.shape[d] == 1:
+            spatial = True
+            continue
+        if mode != "constant" or not (isinstance(before, int) and isinstance(after, int)):
+            env.freeze_layout(lay, f"'{mode}' padding along a channel dim")
+            return env.untracked(op.node)
+        if before < 0 or after < 0:
+            env.freeze_layout(lay, "negative padding (a crop) along a channel dim")
+            return env.untracked(op.node)
+        # A constant block before and after the channels (LiteMLA's column of ones beside
+        # v): positions of no channel; the channels shift, and the amounts stay valid.
+        block = list(atoms.shape)
+        atoms = np.concatenate(
+            [
+                np.full([*block[:d], before, *block[d + 1 :]], NO_ATOM, dtype=np.int64),
+                atoms,
+                np.full([*block[:d], after, *block[d + 1 :]], NO_ATOM, dtype=np.int64),
+            ],
+            axis=d,
+        )
+    # Padding a spatial dim with a non-zero value makes pruned channels non-zero there.
+    return Layout(atoms, lay.zero and (value == 0 or mode != "constant" or not spatial))
