@@ -395,6 +395,20 @@ class PadChannels(nn.Module):
         return self.c(F.pad(torch.relu(self.a(x)), (0, 0, 0, 0, 0, 1), value=1.0))
 
 
+class Recurrent(nn.Module):
+    """A bidirectional LSTM between two linears (speech and time-series encoders)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(8, 32)
+        self.rnn = nn.LSTM(32, 24, batch_first=True, bidirectional=True)
+        self.head = nn.Linear(48, 5)
+
+    def forward(self, x):
+        y, _ = self.rnn(torch.relu(self.inp(x)))
+        return self.head(y)
+
+
 IMAGE = (1, 3, 8, 8)
 SEQ = (2, 6, 32)
 
@@ -427,6 +441,7 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "selective_kernel": (SelectiveKernel().eval(), img),
         "affine": (Affine().eval(), torch.randn(2, 6, 8)),
         "pad_channels": (PadChannels().eval(), img),
+        "recurrent": (Recurrent().eval(), torch.randn(2, 6, 8)),
     }
 
 
@@ -458,4 +473,5 @@ EXPECTED_EXACT: dict[str, bool] = {
     "selective_kernel": True,  # the softmax runs over the stacked branches, not channels
     "affine": True,  # beta + alpha * x per channel; a pruned channel's beta is zero too
     "pad_channels": True,  # the constant channel is no channel of a; a's channels shift
+    "recurrent": True,  # a unit whose rows are zero stays zero from a zero initial state
 }

@@ -286,6 +286,15 @@ ROWS = [
     # nn.MultiheadAttention: packed q | k | v rows; q and k go together, v with out_proj's columns
     Row("mha_qk", Net(mha, SEQ, op=nn.MultiheadAttention(8, 2, batch_first=True), c=lin(8, 2)), together=("op.in_proj_weight:0",), size=4, maps={"op.in_proj_weight:0": r(4) * 4 + [-1] * 8}),
     Row("mha_out", Net(mha, SEQ, op=nn.MultiheadAttention(8, 2, batch_first=True), c=lin(8, 2)), together=("op.out_proj.weight:0", "op.out_proj.bias:0", "c.weight:1")),
+    # -- recurrent layers -------------------------------------------------------------------------------
+    # LSTM: input features are weight_ih's columns; a hidden unit owns a row in each of the 4
+    # gate blocks and the column of weight_hh that feeds it back; both directions go together
+    Row("lstm_in", Net(lambda m, x: m.c(m.op(m.a(x))[0]), TOKENS, a=lin(6, 8), op=nn.LSTM(8, 4, batch_first=True), c=lin(4, 2)), together=("a.weight:0", "op.weight_ih_l0:1")),
+    Row("lstm_units", Net(lambda m, x: m.c(m.op(m.a(x))[0]), TOKENS, a=lin(6, 8), op=nn.LSTM(8, 4, batch_first=True), c=lin(4, 2)), together=("op.weight_hh_l0:1", "op.weight_ih_l0:0", "op.weight_hh_l0:0", "op.bias_ih_l0:0", "c.weight:1"), size=4, maps={"op.weight_ih_l0:0": r(4) * 4}),
+    Row("gru_bidirectional", Net(lambda m, x: m.c(m.op(m.a(x))[0]), TOKENS, a=lin(6, 8), op=nn.GRU(8, 4, batch_first=True, bidirectional=True), c=lin(8, 2)), together=("op.weight_hh_l0:1", "op.weight_hh_l0_reverse:1", "c.weight:1"), size=4, maps={"c.weight:1": r(4) * 2}),
+    # a state passed in, or stacked layers: not pruned, and said why
+    Row("lstm_initial_state", Net(lambda m, x: m.c(m.op(m.a(x), (x.new_ones(1, 1, 4), x.new_ones(1, 1, 4)))[0]), TOKENS, a=lin(6, 8), op=nn.LSTM(8, 4, batch_first=True), c=lin(4, 2)), frozen={"a.weight:0": "initial state"}),
+    Row("lstm_stacked", Net(lambda m, x: m.c(m.op(m.a(x))[0]), TOKENS, a=lin(6, 8), op=nn.LSTM(8, 4, 2, batch_first=True), c=lin(4, 2)), frozen={"a.weight:0": "stacked layers"}),
     # -- the default --------------------------------------------------------------------------------------
     # an op without a rule freezes every channel it touches, and says which op
     Row("no_rule", img(lambda y: torch.cumsum(y, 1)), frozen={"a.weight:0": "cumsum"}),

@@ -61,6 +61,7 @@ def test_micro_models_really_shrink():
         "selective_kernel",
         "affine",
         "pad_channels",
+        "recurrent",
     ]:
         model, x = MODELS[name]
         res = fxprune.prune(model, x, ratio=0.5)
