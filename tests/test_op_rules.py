@@ -252,6 +252,8 @@ ROWS = [
     Row("pixel_unshuffle", img(nn.PixelUnshuffle(2), a=conv(3, 4), c=conv(16, 2)), together=A_C, size=4, maps={"c.weight:1": each(4, 4)}),
     # repeat along channels: both copies are the same channel
     Row("repeat", img(lambda y: y.repeat(1, 2, 1, 1), c=conv(16, 2)), together=A_C, maps={"c.weight:1": r(8) * 2}),
+    # repeat_interleave along the batch, by a count computed from sizes (GCViT's global query)
+    Row("repeat_interleave_batch", tok(lambda y: y.repeat_interleave(y.shape[0] * 2 // 2, dim=0)), together=A_C),
     # -- spatial ops and reductions --------------------------------------------------------------------
     # pooling, resizing and zero padding over spatial dims keep channels where they are
     Row("max_pool", img(nn.MaxPool2d(2)), together=A_C),

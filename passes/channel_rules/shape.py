@@ -584,12 +584,14 @@ def expand(op: CanonicalOp, env: ChannelEnv):
     if op.name == "repeat_interleave":
         reps = op.node.args[1] if len(op.node.args) > 1 else op.node.kwargs.get("repeats")
         dim = op.node.args[2] if len(op.node.args) > 2 else op.node.kwargs.get("dim")
-        if not isinstance(reps, int) or dim is None:
+        if dim is None or not isinstance(dim, int):
             return default_rule(op, env)
         dim = normalize_dim(int(dim), len(in_shape))
-        if atoms.shape[dim] > 1:
-            atoms = np.repeat(atoms, reps, axis=dim)
-        return Layout(atoms, lay.zero)
+        if atoms.shape[dim] == 1:  # repeats along a dim of no channel (GCViT's batch)
+            return Layout(atoms, lay.zero)  # whatever the count, computed or not
+        if not isinstance(reps, int):
+            return default_rule(op, env)
+        return Layout(np.repeat(atoms, reps, axis=dim), lay.zero)
     atoms = atoms.reshape((1,) * (nd - atoms.ndim) + atoms.shape)
     in_full = (1,) * (nd - len(in_shape)) + tuple(in_shape)
     if op.name in ("expand", "expand_as"):
