@@ -1167,6 +1167,9 @@ def sweep(args: argparse.Namespace) -> dict[str, Any]:
     if previous:
         data["environment"].setdefault("resumed", []).append(environment(args))
     data.setdefault("skipped_zoos", {}).update(skipped)
+    for zoo in zoos:  # installed now: an earlier run's "skipped" no longer holds
+        if zoo not in skipped:
+            data["skipped_zoos"].pop(zoo, None)
     done = {r["model"] for r in data["results"] if not (args.retry_failed and failed(r))}
     if args.again:
         done -= set(keys)
