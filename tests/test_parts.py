@@ -117,3 +117,25 @@ def test_pad_outputs_prunes_the_features_a_part_hands_on_and_keeps_the_ignored_h
     assert tiny.trace_options["parts"] == ["backbone"]  # the head stays as it is
     assert "head.weight" not in tiny.kept and len(tiny.kept["backbone.3.weight"][0]) == 16
     assert tiny.report.verified == "outputs equal the masked original"
+
+
+def test_a_torchvision_detector_with_pad_outputs_prunes_its_fpn_and_keeps_its_predictions():
+    """The FPN levels the RPN and ROI heads read are pruned and padded back; the prediction
+    layers are ignored, so the detections keep their meaning; the oracle compares them."""
+    torch.manual_seed(0)
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5, box_score_thresh=0.0
+    ).eval()
+    images = ([torch.rand(3, 160, 160)],)
+    heads = [model.rpn.head.cls_logits, model.rpn.head.bbox_pred, model.roi_heads.box_predictor]
+    kept = fxprune.prune(model, images, ratio=0.5, round_to=8, ignore=heads)
+    res = fxprune.prune(model, images, ratio=0.5, round_to=8, ignore=heads, pad_outputs=True)
+    assert res.report.verified == "outputs equal the masked original"
+    assert len(res.kept["backbone.fpn.layer_blocks.0.0.weight"][0]) == 128  # 256 -> 128
+    for name in ("rpn.head.cls_logits.weight", "roi_heads.box_predictor.cls_score.weight"):
+        assert 0 not in res.kept.get(name, {})  # predictions keep their channels
+    assert res.report.macs_after < kept.report.macs_after
+    with torch.no_grad():
+        want, got = model(*images)[0], res.module(*images)[0]
+    assert len(got["boxes"]) > 0 and got["boxes"].shape[1] == 4
+    assert set(got) == set(want)
