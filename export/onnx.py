@@ -100,18 +100,25 @@ def named_tensor_inputs(
     The dynamo exporter names a graph input after the forward parameter it binds to (or
     the keyword), so binding to the signature recovers the names ONNX Runtime expects.
     """
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        bound = {**{f"input_{i}": a for i, a in enumerate(args)}, **kwargs}
     named: list[tuple[str, torch.Tensor]] = []
-    for param_name, value in bound.items():
+    for param_name, value in _bound_arguments(module, args, kwargs).items():
         leaves = [leaf for leaf in pytree.tree_leaves(value) if isinstance(leaf, torch.Tensor)]
         if isinstance(value, torch.Tensor):
             named.append((param_name, value))
         else:
             named.extend((f"{param_name}_{i}", leaf) for i, leaf in enumerate(leaves))
     return named
+
+
+def _bound_arguments(
+    module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, Any]:
+    """The inputs by the name of the forward parameter each binds to (``input_<i>`` when
+    the signature cannot bind them)."""
+    try:
+        return dict(inspect.signature(module.forward).bind(*args, **kwargs).arguments)
+    except (TypeError, ValueError):
+        return {**{f"input_{i}": a for i, a in enumerate(args)}, **kwargs}
 
 
 def ort_feed(
@@ -479,10 +486,7 @@ def _check_arguments(
 
 def _tensor_arguments(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> set[str]:
     """Names of the forward arguments that are tensors themselves (not lists of them)."""
-    try:
-        bound = inspect.signature(module.forward).bind(*args, **kwargs).arguments
-    except (TypeError, ValueError):
-        bound = {**{f"input_{i}": a for i, a in enumerate(args)}, **kwargs}
+    bound = _bound_arguments(module, args, kwargs)
     return {n for n, v in bound.items() if isinstance(v, torch.Tensor) and v.dim() > 0}
 
 
