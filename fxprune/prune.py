@@ -348,6 +348,8 @@ def _prune_graph(
     with _gc_paused():
         pipeline.run(gm, ctx)
     groups, selection = ctx[GROUPS], ctx[SELECTION]
+    if not ignored.pad_outputs:
+        _hint_pad_outputs(groups)
     verification = ctx.get(VERIFICATION)
     report = PruneReport(
         macs_before=macs_before,
@@ -375,6 +377,25 @@ def _prune_graph(
         ExampleInputs.of(example_inputs),
         graph_plan=GraphPlan(ctx[PLAN], ctx[LAYOUTS]),
     )
+
+
+def _hint_pad_outputs(groups: list) -> None:
+    """Say so when the model's output is its residual stream: channels many layers read,
+    kept only because they reach the output (a classifier's classes are read by one)."""
+    for g in groups:
+        if g.prunable or not str(g.reason).startswith("reaches the model output ("):
+            continue
+        readers = {m.param.rsplit(".", 1)[0] for m in g.members}
+        if len(readers) >= 4:
+            logger.warning(
+                "%d channels read by %d layers (%s, ...) stay because they reach the model "
+                "output. pad_outputs=True prunes them and pads the output back with zeros "
+                "(its shape stays); ignore= the layer that produces them keeps them.",
+                g.size * g.units,
+                len(readers),
+                ", ".join(sorted(readers)[:3]),
+            )
+            return
 
 
 @contextlib.contextmanager

@@ -153,3 +153,16 @@ def test_save_load_and_onnx_keep_the_padding(backbone, tmp_path):
     want = sorted((v.detach().numpy() for v in res.module(x).values()), key=lambda a: a.shape)
     for g, w in zip(sorted(got, key=lambda a: a.shape), want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_whose_output_is_its_stream_hints_at_pad_outputs(caplog):
+    torch.manual_seed(0)
+    model, x = Encoder().eval(), torch.randn(2, 5, 8)
+    with caplog.at_level("WARNING", logger="fxprune.prune"):
+        fxprune.prune(model, x, ratio=0.5)
+    assert "pad_outputs=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fxprune.prune"):
+        fxprune.prune(model, x, ratio=0.5, pad_outputs=True)
+        fxprune.prune(Gated().eval(), torch.randn(1, 3, 8, 8), ratio=0.5)  # one reader: no hint
+    assert "pad_outputs=True" not in caplog.text
