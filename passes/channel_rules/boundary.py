@@ -133,22 +133,29 @@ def output(op: CanonicalOp, env: ChannelEnv):
         for one in lay if isinstance(lay, list) else [lay]:
             if not isinstance(one, Layout) or not one.is_tracked():
                 continue
-            why = _unpaddable(one, env) if env.pad_outputs and not isinstance(lay, list) else ""
-            if env.pad_outputs and not why:
-                dim = Layout(env.canonical(one.atoms)).channel_dim()
+            dim, why = (
+                (None, "one of several results of one node")
+                if isinstance(lay, list)
+                else _padding_dim(one, env)
+            )
+            if env.pad_outputs and dim is not None:
                 env.padded_outputs.setdefault(n, dim)
                 continue
-            env.freeze_layout(one, "reaches the model output" + (f" ({why})" if why else ""))
+            reason = f" ({why})" if env.pad_outputs else ""
+            env.freeze_layout(one, "reaches the model output" + reason)
     return None
 
 
-def _unpaddable(lay: Layout, env: ChannelEnv) -> str:
-    """Why an output's pruned channels cannot be padded back with zeros ('' if they can)."""
-    if Layout(env.canonical(lay.atoms)).channel_dim() is None:
-        return "its channels run along several dims, so zero padding cannot restore its shape"
+def _padding_dim(lay: Layout, env: ChannelEnv) -> tuple[int | None, str]:
+    """(the dim along which ``lay``'s pruned channels can be padded back with zeros, '') or
+    (None, why they cannot)."""
+    dim = Layout(env.canonical(lay.atoms)).channel_dim()
+    if dim is None:
+        return None, "its channels run along several dims, so zero padding cannot restore its shape"
     if not lay.zero:
-        return "its pruned channels are not zero in the masked original, so padding with zeros would change it"
-    return ""
+        why = "its pruned channels are not zero in the masked original, so padding with zeros would change it"
+        return None, why
+    return dim, ""
 
 
 def unprune_channels(x: torch.Tensor, index: Sequence[int], dim: int) -> torch.Tensor:
@@ -183,30 +190,25 @@ def _unprune_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
     lay, shape = meta.get(src, meta.LAYOUT), meta.shape_of(src)
     if not isinstance(lay, Layout) or shape is None or not op.attrs.index:
         return
-    dim, size = op.attrs.dim, shape[op.attrs.dim]
-    alive = s.plan.line(lay, dim, size) != DROP
+    alive = s.plan.line(lay, op.attrs.dim, shape[op.attrs.dim]) != DROP
     if alive.all():
         return
-    op.node.update_arg(1, unprune_index(alive, op.attrs.index, size))
+    op.node.update_arg(1, unprune_index(alive, op.attrs.index))
 
 
-def unprune_index(
-    alive: np.ndarray, index: Sequence[int] | None = None, size: int = 0
-) -> list[int]:
+def unprune_index(alive: np.ndarray, index: Sequence[int] | None = None) -> list[int]:
     """Where each output position reads from once the channels not ``alive`` are gone.
 
-    ``index``: the current one (``size``: the width it reads), or None for a first cut,
-    where position ``i`` reads channel ``i``. A removed channel reads the zero slot, which
-    is the new width.
+    ``index``: the current one, over the ``len(alive)`` channels it reads (None: a first
+    cut, position ``i`` reading channel ``i``). A removed channel reads the zero slot, at
+    the new width.
     """
-    new_pos = np.cumsum(alive) - 1
-    zero = int(alive.sum())
-    if index is None:
-        return np.where(alive, new_pos, zero).tolist()
-    old = np.asarray(index, dtype=np.int64)
+    size = len(alive)
+    old = np.arange(size) if index is None else np.asarray(index, dtype=np.int64)
     live = old < size
     live[live] = alive[old[live]]
-    return np.where(live, new_pos[np.minimum(old, size - 1)], zero).tolist()
+    new_pos = np.cumsum(alive) - 1
+    return np.where(live, new_pos[np.minimum(old, size - 1)], int(alive.sum())).tolist()
 
 
 @op_spec(
@@ -218,7 +220,10 @@ def unprune(op: CanonicalOp, env: ChannelEnv):
     lay = env.layout(op.inputs[0])
     if lay is None or not op.attrs.index:
         return default_rule(op, env)
-    why = _unpaddable(lay, env) if lay.is_tracked() else ""
-    if why or (lay.is_tracked() and Layout(env.canonical(lay.atoms)).channel_dim() != op.attrs.dim):
-        env.freeze_layout(lay, f"read by unprune_channels: {why or 'channels along another dim'}")
+    if lay.is_tracked():
+        dim, why = _padding_dim(lay, env)
+        if dim != op.attrs.dim:
+            env.freeze_layout(
+                lay, f"read by unprune_channels: {why or 'channels along another dim'}"
+            )
     return env.untracked(op.node)

@@ -61,8 +61,8 @@ def _directions(mod: nn.RNNBase) -> tuple[str, ...]:
 
 
 def _recurrent_rewrite(op: CanonicalOp, s: SurgeryEnv) -> None:
-    mod = s.gm.get_submodule(op.node.target) if op.node.op == "call_module" else None
-    if not isinstance(mod, nn.RNNBase) or _why_not(op):
+    mod = op.module
+    if _why_not(op):
         return
     mod.input_size = mod.weight_ih_l0.shape[1]
     mod.hidden_size = mod.weight_hh_l0.shape[1]
