@@ -396,11 +396,14 @@ def snapshot(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _share_tensors(module: nn.Module) -> nn.Module:
     """New module objects all the way down, holding the same tensors (a deepcopy copies
-    every weight, and costs more than the forward this reference is made for)."""
+    every weight, and costs more than the forward this reference is made for). Each has
+    its own tables of parameters, buffers and hooks: a hook the oracle adds to the copy
+    must not run on the graph it was copied from."""
     new = object.__new__(type(module))
     state = dict(module.__dict__)
-    state["_parameters"] = dict(module._parameters)
-    state["_buffers"] = dict(module._buffers)
+    for key, value in state.items():  # its own hook tables (and parameter, buffer tables)
+        if key.startswith("_") and isinstance(value, (dict, set)):
+            state[key] = copy.copy(value)
     state["_modules"] = {
         k: None if m is None else _share_tensors(m) for k, m in module._modules.items()
     }

@@ -333,6 +333,7 @@ def test_the_prune_time_reference_equals_the_fully_masked_copy_and_restores_the_
     masking = _MaskedOnCall(private, kept)
     with masking as masked, torch.no_grad():
         got = masked(x)
+        assert not any(m._forward_pre_hooks for m in gm.modules())  # only the copy's
     assert not masking.aliased
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
     still = dict(private.named_parameters(remove_duplicate=False))
