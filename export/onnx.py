@@ -505,6 +505,82 @@ class _ScriptProgram:
         )
 
 
+def _export_dynamo(
+    module: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    dynamic_shapes: Any,
+    opset: int | None,
+    reference: Sequence[tuple[str, torch.Tensor]],
+    rewrite: bool = False,
+):
+    """``torch.onnx.export(dynamo=True)`` of ``module``; ``rewrite``: of its exported
+    program with the ops in :data:`_ONNX_REWRITES` rewritten into forms the exporter
+    translates."""
+    model: Any = module
+    if rewrite:
+        program = torch.export.export(
+            module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False
+        )
+        model = program.run_decompositions(dict(_ONNX_REWRITES))
+    return torch.onnx.export(
+        model,
+        args,
+        kwargs=kwargs or None,
+        dynamo=True,
+        dynamic_shapes=None if rewrite else dynamic_shapes,
+        opset_version=opset,
+        output_names=[n for n, _ in reference],
+        verbose=False,
+        report=False,
+    )
+
+
+def _sdpa_as_rank4(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    *,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> Any:
+    """``scaled_dot_product_attention`` on inputs of another rank than 4, as the same op on
+    rank-4 views (the leading dims flattened into one batch): the exporter translates rank
+    4 only, and Twins', NesT's and Hiera's grouped attention is (batch, groups, heads,
+    tokens, dim). Rank 4 is left as it is (``NotImplemented``)."""
+    if query.dim() == key.dim() == value.dim() == 4 or query.dim() < 3:
+        return NotImplemented
+    lead = query.shape[:-2]
+    if key.shape[:-2] != lead or value.shape[:-2] != lead:
+        return NotImplemented
+    heads, length, source = lead[-1], query.shape[-2], key.shape[-2]
+
+    def rank4(t: torch.Tensor) -> torch.Tensor:
+        return t.reshape(-1, heads, t.shape[-2], t.shape[-1])
+
+    mask = None
+    if attn_mask is not None:
+        mask = rank4(attn_mask.expand(*lead, length, source))
+    out = torch.ops.aten.scaled_dot_product_attention.default(
+        rank4(query),
+        rank4(key),
+        rank4(value),
+        mask,
+        dropout_p,
+        is_causal,
+        scale=scale,
+        enable_gqa=enable_gqa,
+    )
+    return out.reshape(*lead, length, value.shape[-1])
+
+
+# aten ops the ONNX exporter fails on in some forms, and their rewrites into forms it takes
+_ONNX_REWRITES = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_rank4}
+
+
 def _export_torchscript(
     module: nn.Module,
     args: tuple[Any, ...],
@@ -597,18 +673,20 @@ def _export(
         # One shared Dim for every input's batch makes the exporter say it keeps one name.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
         try:
-            program = torch.onnx.export(
-                module,
-                args,
-                kwargs=kwargs or None,
-                dynamo=True,
-                dynamic_shapes=dynamic_shapes,
-                opset_version=opset,
-                output_names=[n for n, _ in reference],
-                verbose=False,
-                report=False,
-            )
+            program = _export_dynamo(module, args, kwargs, dynamic_shapes, opset, reference)
         except Exception as exc:  # the exporter raises many types; all mean "could not export"
+            try:
+                program = _export_dynamo(
+                    module, args, kwargs, dynamic_shapes, opset, reference, rewrite=True
+                )
+                logger.info(
+                    "exported %s with %s rewritten for the ONNX exporter",
+                    type(module).__name__,
+                    ", ".join(str(op) for op in _ONNX_REWRITES),
+                )
+                return program
+            except Exception as rewritten_exc:
+                logger.debug("the rewritten program did not export either: %s", rewritten_exc)
             try:
                 program = _export_torchscript(
                     module, args, kwargs, dynamic_shapes, opset, reference

@@ -405,3 +405,51 @@ def test_a_detector_torch_export_cannot_capture_goes_through_torchscript(tmp_pat
     sess = ort.InferenceSession(str(out.path), providers=["CPUExecutionProvider"])
     boxes = sess.run(None, {sess.get_inputs()[0].name: images[0][0].numpy()})[0]
     np.testing.assert_allclose(boxes, want["boxes"].numpy(), rtol=1e-3, atol=1e-3)
+
+
+class GroupedAttention(nn.Module):
+    """Attention within groups of tokens, as Twins, NesT and Hiera compute it: q, k, v of
+    shape (batch, groups, heads, tokens, dim), which the ONNX exporter does not translate,
+    with a mask that broadcasts over the batch."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, groups: int = 4) -> None:
+        super().__init__()
+        self.heads, self.groups = heads, groups
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.register_buffer("mask", torch.rand(groups, 1, 1, 6) > 0.3)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, self.groups, n // self.groups, 3, self.heads, -1)
+        q, k, v = qkv.permute(3, 0, 1, 4, 2, 5).unbind(0)  # each (b, groups, heads, t, d)
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask)
+        return self.proj(y.permute(0, 1, 3, 2, 4).reshape(b, n, c))
+
+
+def test_grouped_rank5_attention_exports_with_a_dynamic_batch(tmp_path, caplog):
+    torch.manual_seed(0)
+    model = GroupedAttention().eval()
+    with caplog.at_level(logging.INFO, logger="fxprune.export.onnx"):
+        result = to_onnx(model, torch.randn(1, 24, 16), tmp_path / "grouped.onnx")
+    # through the dynamo exporter, attention rewritten to rank 4 (not the TorchScript one)
+    assert "rewritten for the ONNX exporter" in caplog.text
+    assert result.dynamic_batch and result.max_rel_err < 1e-4
+    x3 = torch.randn(3, 24, 16)
+    (got,) = _ort_run(result.path, {result.input_names[0]: x3})
+    with torch.no_grad():
+        want = model(x3)
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-4, atol=1e-5)
+    graph = onnx.load(result.path).graph
+    assert any(n.op_type == "Softmax" or n.op_type == "Attention" for n in graph.node)
+
+
+def test_the_rank4_rewrite_leaves_rank4_attention_to_the_exporter():
+    from fxprune.export.onnx import _sdpa_as_rank4
+
+    q = torch.randn(2, 3, 5, 4)
+    assert _sdpa_as_rank4(q, q, q) is NotImplemented
+    q5 = torch.randn(2, 3, 2, 5, 4)
+    mask = torch.rand(3, 1, 5, 5) > 0.5
+    want = nn.functional.scaled_dot_product_attention(q5, q5, q5, attn_mask=mask)
+    torch.testing.assert_close(_sdpa_as_rank4(q5, q5, q5, mask), want)
