@@ -228,6 +228,36 @@ def test_a_model_that_branches_on_the_batch_size_keeps_the_examples_batch(caplog
     torch.testing.assert_close(gm(x), model(x))
 
 
+class FoldsBatchIntoRows(nn.Module):
+    """Batch and channels folded into one dim and back (MobileViT's unfold into patches):
+    the folded size must follow the pruned channels and still the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.c = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        b, c, h, w = y.shape
+        rows = torch.relu(y.reshape(b * c, h * w)) * 2.0
+        return self.c(rows.reshape(b, c, h, w))
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_a_size_that_folds_batch_and_channels_stays_dynamic_over_pruner_steps(frontend):
+    # torch.export traces c as the constant 16 (only the batch is symbolic): the folded size
+    # b * 16 must become b * 8 in the graph, not the example's literal 8
+    torch.manual_seed(0)
+    model = FoldsBatchIntoRows().eval()
+    pruner = fxprune.Pruner(model, torch.randn(1, 3, 8, 8), ratio=0.75, steps=2, frontend=frontend)
+    for _ in range(2):
+        res = pruner.step()
+        for batch in (1, 3):
+            assert fxprune.verify(model, res, torch.randn(batch, 3, 8, 8)).exact
+    assert len(res.kept["a.weight"][0]) == 4  # 16 channels, 75% gone
+
+
 # -- fine-tuning --------------------------------------------------------------------------------
 def test_a_few_sgd_steps_reduce_the_loss_of_a_pruned_transformers_model(bert):
     _, res = bert

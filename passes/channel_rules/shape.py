@@ -13,6 +13,7 @@ bounds, an ``nn.Unflatten``'s sizes) follow the kept channels.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any
@@ -457,13 +458,99 @@ def _size_moves(size: Any, s: SurgeryEnv) -> bool:
     return False
 
 
+# the integer operators a size computed in the graph may apply (``B * C // 2``, ``ceil``)
+_SIZE_OPS = frozenset(
+    {
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.truediv,
+        operator.mod,
+        operator.neg,
+        math.ceil,
+        math.floor,
+        int,
+    }
+)
+
+
+def _size_value(size: Any, shape_of: Any) -> Any:
+    """What the size expression ``size`` computes when each tensor ``t`` it reads has the
+    shape ``shape_of(t)``: an int (a tuple for a whole shape), or None where it reads
+    anything else."""
+    if isinstance(size, (int, float)) and not isinstance(size, bool):
+        return size
+    if not isinstance(size, fx.Node) or meta.is_tensor_node(size):
+        return None
+    src = _shape_of(size)
+    if src is not None:
+        return shape_of(src)
+    args = size.args
+    if size.target is operator.getitem and len(args) == 2 and isinstance(args[1], int):
+        whole = _size_value(args[0], shape_of)
+        ok = isinstance(whole, tuple) and -len(whole) <= args[1] < len(whole)
+        return whole[args[1]] if ok else None
+    if size.target == "size" or callable_name(size.target) == "sym_size":
+        dim = args[1] if len(args) > 1 else size.kwargs.get("dim")
+        shape = shape_of(args[0]) if isinstance(args[0], fx.Node) else None
+        if shape is None or not isinstance(dim, int) or not -len(shape) <= dim < len(shape):
+            return None
+        return shape[dim]
+    if size.op == "call_function" and size.target in _SIZE_OPS and not size.kwargs:
+        values = [_size_value(a, shape_of) for a in args]
+        if any(v is None or isinstance(v, tuple) for v in values):
+            return None
+        try:
+            return size.target(*values)
+        except (ArithmeticError, TypeError, ValueError):
+            return None
+    return None
+
+
+def _reads_a_kept_dim(size: fx.Node, surgery: SurgeryEnv) -> bool:
+    """Whether ``size`` reads a dim surgery leaves alone (the batch, tokens, an image
+    side): a dim that may take other values at run time than in the example."""
+    for src, dim in _size_reads(size, set()):
+        old, new = surgery.old_shape(src), surgery.new_shape(src)
+        if old is None or not isinstance(new, tuple) or len(new) != len(old):
+            continue
+        dims = range(len(old)) if dim is None else [dim]
+        if any(old[d] == new[d] for d in dims):
+            return True
+    return False
+
+
+def _scaled(node: fx.Node, size: fx.Node, want: int, now: int) -> fx.Node:
+    """``size * want / now`` computed in the graph before ``node``: exact at the example
+    (where ``size`` is ``now``), and at any batch for a size proportional to it."""
+    graph = node.graph
+    with graph.inserting_before(node):
+        if want % now == 0:
+            out = graph.call_function(operator.mul, (size, want // now))
+        elif now % want == 0:
+            out = graph.call_function(operator.floordiv, (size, now // want))
+        else:
+            out = graph.call_function(
+                operator.floordiv, (graph.call_function(operator.mul, (size, want)), now)
+            )
+    for new in (out, *out.all_input_nodes):
+        if new is not size:
+            new.meta.setdefault("stack_trace", node.meta.get("stack_trace"))
+    return out
+
+
 def _rewrite_sizes(op: CanonicalOp, old: tuple, new: tuple, surgery: SurgeryEnv) -> None:
     """Write each size whose planned value differs from the value the graph will compute.
 
-    A size read from another tensor's shape (``qkv(x).reshape(B, N, 3, h, C // h)`` with
-    ``C`` from ``x``) changes when that tensor's channels are pruned, whether or not this
-    tensor's are: it becomes the planned literal. Sizes that nothing pruned reads (the
-    batch) stay computed, so the graph keeps its dynamic dims.
+    A size computed in the graph is evaluated on the pruned shapes. When it already gives
+    the planned value (``B * C`` with ``C`` read from the pruned tensor) it stays as it is,
+    so the graph keeps its dynamic dims. When it gives another value and reads a dim that
+    surgery leaves alone (``B * 96`` with the channel count a constant of the trace, the
+    batch from the input), it is scaled in the graph to the planned value: still exact at
+    the example, and right at every batch. Otherwise it becomes the planned literal
+    (``qkv(x).reshape(B, N, 3, h, C // h)`` with ``C`` from ``x`` pruned otherwise than the
+    heads).
     """
     node = op.node
     found = _size_args(node, op.name)
@@ -471,17 +558,30 @@ def _rewrite_sizes(op: CanonicalOp, old: tuple, new: tuple, surgery: SurgeryEnv)
         return
     pos, sizes = found
 
-    def keep(size: Any, o: int, n: int) -> bool:
+    def pruned_shape(t: fx.Node) -> Any:
+        shape = surgery.new_shape(t)
+        return tuple(shape) if isinstance(shape, tuple) else None
+
+    def to_write(size: Any, o: int, n: int) -> Any:
         if isinstance(size, int) and size == -1:
-            return True
-        return o == n and not (isinstance(size, fx.Node) and _size_moves(size, surgery))
+            return size
+        if not isinstance(size, fx.Node):
+            return size if o == n else n
+        now = _size_value(size, pruned_shape)
+        if not isinstance(now, int) or isinstance(now, bool):  # an expression not followed
+            return size if o == n and not _size_moves(size, surgery) else n
+        if now == n:
+            return size
+        if now > 0 and n > 0 and _reads_a_kept_dim(size, surgery):
+            return _scaled(node, size, n, now)
+        return n
 
     if op.name == "unflatten":
         dim = normalize_dim(int(node.args[1]), len(meta.shape_of(op.inputs[0])))
         span = range(dim, dim + len(sizes))
-        written = [s if keep(s, old[d], new[d]) else new[d] for s, d in zip(sizes, span)]
+        written = [to_write(s, old[d], new[d]) for s, d in zip(sizes, span)]
     elif len(sizes) == len(old):
-        written = [s if keep(s, o, n) else n for s, o, n in zip(sizes, old, new)]
+        written = [to_write(s, o, n) for s, o, n in zip(sizes, old, new)]
     else:
         return
     if written == sizes:
