@@ -616,7 +616,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
                         strict=False,
                         dynamic_shapes=dynamic,
                     ).module()
-                inline_grad_mode_regions(other)
+                inline_wrapped_regions(other)
                 others[training] = other
             except Exception as exc:
                 others[training] = exc
@@ -629,7 +629,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
             f"inlines (their backward would be lost, so fine-tuning the pruned model would use "
             f"wrong gradients). Use frontend='fx', which keeps each one as a single op."
         )
-    inline_grad_mode_regions(gm)
+    inline_wrapped_regions(gm)
     record_modes(gm, {mode: gm, **others} if mode is not None else others)
     make_switchable(gm, model.training if mode is None else mode)
     # Record concrete shapes of the example (export's own metadata may be symbolic, or
@@ -748,22 +748,31 @@ def _auto_dynamic(model: nn.Module, inputs: ExampleInputs) -> Any:
     return out
 
 
-def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
-    """Inline ``wrap_with_set_grad_enabled`` subgraphs (``torch.no_grad()`` blocks in forward).
+def inline_wrapped_regions(gm: fx.GraphModule) -> int:
+    """Inline the bodies torch.export wraps in a higher-order op: ``torch.no_grad()`` blocks
+    (``wrap_with_set_grad_enabled``) and ``torch.autocast`` blocks (``wrap_with_autocast``).
 
-    torch.export keeps such blocks as a higher-order op whose body is a submodule; channel
-    rules cannot see inside, so e.g. rotary cos/sin computed under no_grad would freeze every
-    q/k head dim. For inference and pruning the grad mode is irrelevant: inline the body.
+    Channel rules cannot see inside such an op, so e.g. rotary cos/sin computed under
+    no_grad would freeze every q/k head dim, and EfficientViT's attention, which runs in an
+    ``autocast(enabled=False)`` block, would freeze its channels. For inference and pruning the
+    grad mode is irrelevant: its body is inlined. An autocast block's body is inlined between
+    ``_enter_autocast`` and ``_exit_autocast`` nodes (side-effectful, so never removed as dead
+    code), which set the same autocast state around the same ops when the graph runs.
     """
     try:
-        from torch._higher_order_ops.wrap import wrap_with_set_grad_enabled
+        from torch._higher_order_ops.wrap import wrap_with_autocast, wrap_with_set_grad_enabled
     except ImportError:  # pragma: no cover - older torch
         return 0
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not wrap_with_set_grad_enabled:
+        if node.op != "call_function":
             continue
-        sub_node, inputs = node.args[1], node.args[2:]
+        if node.target is wrap_with_set_grad_enabled:
+            state, sub_node, inputs = None, node.args[1], node.args[2:]
+        elif node.target is wrap_with_autocast:
+            state, sub_node, inputs = node.args[:4], node.args[4], node.args[5:]
+        else:
+            continue
         sub = getattr(gm, sub_node.target, None)
         if not isinstance(sub, fx.GraphModule) or any(n.op == "get_attr" for n in sub.graph.nodes):
             continue
@@ -771,7 +780,11 @@ def inline_grad_mode_regions(gm: fx.GraphModule) -> int:
         if len(placeholders) != len(inputs):
             continue
         with gm.graph.inserting_before(node):
+            if state is not None:
+                mode = gm.graph.call_function(torch.amp.autocast_mode._enter_autocast, state)
             out = gm.graph.graph_copy(sub.graph, dict(zip(placeholders, inputs)))
+            if state is not None:
+                gm.graph.call_function(torch.amp.autocast_mode._exit_autocast, (mode,))
         outs = out if isinstance(out, (tuple, list)) else (out,)
         for user in list(node.users):
             if user.op == "call_function" and user.target is operator.getitem:

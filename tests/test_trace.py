@@ -153,3 +153,41 @@ def test_segmentation_models_analyse_and_prune(name):
     res = fxprune.prune(m, x, ratio=0.5, round_to=8)
     assert res.report.macs_ratio > 3
     assert_oracle(m, res, x)
+
+
+class BlockInFloat32(nn.Module):
+    """A layer run in an ``autocast(enabled=False)`` block (as EfficientViT's LiteMLA runs
+    its attention), which torch.export wraps in a higher-order op the channel rules cannot
+    see into."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.mid, self.fc2 = nn.Linear(16, 32), nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        with torch.autocast("cpu", enabled=False):
+            h = self.mid(torch.relu(h.float()))
+        return self.fc2(torch.relu(h).to(x.dtype))
+
+
+def test_an_autocast_block_is_inlined_and_still_disables_autocast():
+    torch.manual_seed(0)
+    model = BlockInFloat32().eval()
+    x = torch.randn(1, 6, 16)
+    gm = fxprune.trace(model, x, frontend="export")
+    targets = [str(n.target) for n in gm.graph.nodes]
+    assert not any("wrap_with_autocast" in t for t in targets)
+    assert any("_enter_autocast" in t for t in targets)
+    assert any("_exit_autocast" in t for t in targets)
+    res = fxprune.prune(model, x, ratio=0.5, frontend="export")
+    assert len(res.kept["fc1.weight"][0]) == 16 and len(res.kept["mid.weight"][0]) == 16
+    assert fxprune.verify(model, res, x).exact
+    # the block's layer still runs between entering and leaving autocast(enabled=False)
+    order = [str(n.target) for n in res.module.graph.nodes]
+    enter = next(i for i, t in enumerate(order) if "_enter_autocast" in t)
+    leave = next(i for i, t in enumerate(order) if "_exit_autocast" in t)
+    linears = [i for i, t in enumerate(order) if "linear" in t]
+    assert linears[0] < enter < linears[1] < leave < linears[2]
+    mode = next(n for n in res.module.graph.nodes if "_enter_autocast" in str(n.target))
+    assert mode.args[2] is False  # enabled=False
