@@ -409,6 +409,24 @@ class Recurrent(nn.Module):
         return self.head(y)
 
 
+class TokenAggregate(nn.Module):
+    """Three pooled branches stacked as class tokens and merged by a 1x1 conv1d over
+    (batch, tokens, channels): CoaT's aggregate, whose positions carry the channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 16, 1)
+        self.agg = nn.Conv1d(3, 1, 1, bias=False)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        z = self.b(y)
+        tokens = torch.stack([y.mean((2, 3)), z.mean((2, 3)), y.amax((2, 3))], dim=1)
+        return self.head(self.agg(tokens).squeeze(1))
+
+
 IMAGE = (1, 3, 8, 8)
 SEQ = (2, 6, 32)
 
@@ -442,6 +460,7 @@ def micro_models() -> dict[str, tuple[nn.Module, torch.Tensor]]:
         "affine": (Affine().eval(), torch.randn(2, 6, 8)),
         "pad_channels": (PadChannels().eval(), img),
         "recurrent": (Recurrent().eval(), torch.randn(2, 6, 8)),
+        "token_aggregate": (TokenAggregate().eval(), img),
     }
 
 
@@ -474,4 +493,5 @@ EXPECTED_EXACT: dict[str, bool] = {
     "affine": True,  # beta + alpha * x per channel; a pruned channel's beta is zero too
     "pad_channels": True,  # the constant channel is no channel of a; a's channels shift
     "recurrent": True,  # a unit whose rows are zero stays zero from a zero initial state
+    "token_aggregate": True,  # the 1x1 conv1d maps each channel position on its own
 }

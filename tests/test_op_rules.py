@@ -174,6 +174,12 @@ ROWS = [
     # through row by row; the weight indexes tokens and stays whole; its bias makes pruned rows non-zero
     Row("linear_over_tokens", Net(lambda m, x: m.c(m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C, frozen={"op.weight:0": "untracked", "op.weight:1": "untracked"}, inexact={"a.weight:0": NONZERO}),
     Row("linear_over_tokens_gated", Net(lambda m, x: m.c(m.a(x) * m.op(m.a(x).transpose(-1, -2)).transpose(-1, -2)), TOKENS, a=lin(6, 8), op=lin(5, 5), c=lin(8, 2)), together=A_C),
+    # a pointwise conv whose positions carry channels (CoaT's aggregate: a 1x1 conv1d over
+    # class tokens x channels): channels pass position by position; the weight indexes the
+    # conv's own channels and stays whole; a bias makes pruned positions non-zero
+    Row("pointwise_conv_over_channels", Net(lambda m, x: m.c(m.op(m.a(x)).squeeze(1)), TOKENS, a=lin(6, 8), op=nn.Conv1d(5, 1, 1, bias=False), c=lin(8, 2)), together=A_C, frozen={"op.weight:0": "untracked", "op.weight:1": "untracked"}),
+    Row("pointwise_conv_over_channels_bias", Net(lambda m, x: m.c(m.op(m.a(x)).squeeze(1)), TOKENS, a=lin(6, 8), op=nn.Conv1d(5, 1, 1), c=lin(8, 2)), together=A_C, inexact={"a.weight:0": NONZERO}),
+    Row("conv_mixing_channel_positions", Net(lambda m, x: m.c(m.op(m.a(x)).squeeze(1)), TOKENS, a=lin(6, 8), op=nn.Conv1d(5, 1, 3, padding=1), c=lin(8, 2)), frozen={"a.weight:0": "mixes positions along a dim that carries channels"}),
     # roll: over H and W (Swin's shifted windows) channels pass; over the channel dim they stay
     Row("roll_spatial", img(lambda x: torch.roll(x, shifts=(1, 2), dims=(2, 3))), together=A_C),
     Row("roll_channels", img(lambda x: torch.roll(x, shifts=1, dims=1)), frozen={"a.weight:0": "roll along a channel dim"}),

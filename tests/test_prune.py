@@ -62,6 +62,7 @@ def test_micro_models_really_shrink():
         "affine",
         "pad_channels",
         "recurrent",
+        "token_aggregate",
     ]:
         model, x = MODELS[name]
         res = fxprune.prune(model, x, ratio=0.5)

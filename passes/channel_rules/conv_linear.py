@@ -209,6 +209,10 @@ def conv(op: CanonicalOp, env: ChannelEnv):
         return default_rule(op, env)
     groups = int(op.attrs.groups or 1)
     cdim = len(shape) - (w.dim() - 1)  # batched (N, C, ...) or unbatched (C, ...)
+    if _positions_carry_channels(lay, cdim):
+        if _pointwise(op, w, shape, out_shape, cdim):
+            return _per_position_conv(op, env, fqn, w, lay)
+        return default_rule(op, env, "a conv mixes positions along a dim that carries channels")
     c_out, c_in_g = w.shape[0], w.shape[1]
     xa = env.dim_atoms(lay, shape, cdim)
     if not lay.zero:
@@ -235,6 +239,40 @@ def conv(op: CanonicalOp, env: ChannelEnv):
         env.note_grouped(out, groups)
     _bind_bias(op, env, out)
     return Layout.along(out, cdim, len(out_shape))
+
+
+def _positions_carry_channels(lay: Layout, cdim: int) -> bool:
+    """Channels along a spatial dim (after ``cdim``), none along the conv's own channel dim:
+    CoaT's aggregate, a 1x1 conv1d over (batch, class tokens, channels)."""
+    a = lay.atoms
+    if a.ndim <= cdim or any(n > 1 for n in a.shape[: cdim + 1]):
+        return False
+    return any(n > 1 for n in a.shape[cdim + 1 :])
+
+
+def _pointwise(op: CanonicalOp, w: torch.Tensor, shape, out_shape, cdim: int) -> bool:
+    """A 1x1 (1, 1x1x1) kernel with stride 1 and no padding: each output position is its
+    input position, mixed across the conv's channels only."""
+    if any(k != 1 for k in w.shape[2:]) or tuple(out_shape[cdim + 1 :]) != tuple(shape[cdim + 1 :]):
+        return False
+    if op.module is not None:
+        stride, padding = op.module.stride, op.module.padding
+    else:
+        stride, padding = op.arg(3, "stride", 1), op.arg(4, "padding", 0)
+    ones = stride if isinstance(stride, (tuple, list)) else (stride,)
+    pads = padding if isinstance(padding, (tuple, list)) else (padding,)
+    return all(v == 1 for v in ones) and (padding in ("valid", "same") or all(v == 0 for v in pads))
+
+
+def _per_position_conv(op: CanonicalOp, env: ChannelEnv, fqn: str, w: torch.Tensor, lay: Layout):
+    """A pointwise conv maps each position on its own: the channels along the positions pass
+    through; the weight's rows and columns index the conv's own (untracked) channels and
+    stay whole. A bias makes a pruned (zero) position non-zero."""
+    env.param_dim(fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1, dtype=np.int64))
+    env.param_dim(fqn, 1, w.shape[1], bind=np.full(w.shape[1], -1, dtype=np.int64))
+    if isinstance(op.attrs.bias, ParamRef):
+        env.param_dim(op.attrs.bias.fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1))
+    return Layout(lay.atoms, lay.zero and op.attrs.bias is None)
 
 
 _STD_CONVS = tuple(
