@@ -253,13 +253,23 @@ class _MaskedOnCall:
     copy. A module whose output shares the scratch buffer (a forward that returns its weight)
     would hand on values the next module overwrites: such a run is marked ``aliased`` and
     must not be trusted.
+
+    A model that is not a graph (``fxprune.verify`` on the caller's module) has no graph to
+    say which modules only read their own tensors: every module's own parameters are
+    masked when it is called. One whose weight another module reads directly (a tied
+    embedding, MultiheadAttention's ``out_proj``) then reads stale values, the outputs
+    differ, and the fully masked copy decides.
     """
 
-    def __init__(self, gm: fx.GraphModule, kept: Kept) -> None:
+    def __init__(self, gm: nn.Module, kept: Kept) -> None:
         self.gm, self.aliased = gm, False
         self._owned: dict[str, list[tuple[str, torch.Tensor, list[torch.Tensor]]]] = {}
         rest: Kept = {}
-        callable_only = _modules_only_called(gm)
+        callable_only = (
+            _modules_only_called(gm)
+            if isinstance(gm, fx.GraphModule)
+            else dict(gm.named_modules(remove_duplicate=False))
+        )
         for fqn, dims in kept.items():
             prefix, _, name = fqn.rpartition(".")
             owner = callable_only.get(prefix)
@@ -582,8 +592,9 @@ def check(
     checked = check_params(original, pruned, kept)
     with _in_eval(pruned) as run:
         got = float_outputs(run, example_inputs)
-        if original_is_private and isinstance(original, fx.GraphModule):
-            masking = _MaskedOnCall(original, kept)
+        reference = _lazy_reference(original, original_is_private)
+        if reference is not None:
+            masking = _MaskedOnCall(reference, kept)
             with masking as masked:
                 ref = float_outputs(masked, example_inputs)
             if not masking.aliased:
@@ -596,6 +607,20 @@ def check(
         return _comparefloat_outputs(
             ref, got, checked, inexact, lambda: _locate(locate, masked, run)
         )
+
+
+def _lazy_reference(original: nn.Module, private: bool) -> nn.Module | None:
+    """What :class:`_MaskedOnCall` may mask in place: ``original`` itself when it is a
+    private graph; for a caller's model in eval mode, new module objects sharing its tensors
+    (no weight copied: a model as large as ViT-H is verified in little more memory than it
+    takes); None for a caller's model in train mode, whose reference is a full copy (a
+    module it reaches outside its submodules would run in train mode and update its state).
+    """
+    if private:
+        return original if isinstance(original, fx.GraphModule) else None
+    if any(m.training for m in original.modules()):
+        return None
+    return _share_tensors(original)
 
 
 def _comparefloat_outputs(

@@ -421,3 +421,28 @@ def test_prune_time_oracle_catches_a_wrong_rewrite_and_names_the_node():
         check(private, res.module, res.kept, x, locate=locate, original_is_private=True)
     where = source(SplitSwap.forward, "torch.split")
     assert f"First diverging node: node 'split' at tests/{where}" in str(info.value)
+
+
+def test_verify_masks_an_eval_model_without_copying_its_weights(monkeypatch):
+    # a caller's model in eval mode: module objects sharing its tensors, masked when called
+    # (ViT-H is verified in little more memory than it takes); in train mode a full copy
+    import fxprune.oracle as oracle
+
+    model = randomize(Residual()).eval()
+    x = torch.randn(*IMG)
+    res = fxprune.prune(model, x, ratio=0.5)
+    copies = []
+    real = copy.deepcopy
+
+    def counted(obj, *args, **kwargs):
+        if isinstance(obj, nn.Module):
+            copies.append(type(obj).__name__)
+        return real(obj, *args, **kwargs)
+
+    monkeypatch.setattr(oracle.copy, "deepcopy", counted)
+    assert fxprune.verify(model, res, x).exact
+    assert copies == []
+    model.train()
+    assert fxprune.verify(model, res, x).exact
+    assert "Residual" in copies
+    assert model.training  # and left as it was
