@@ -536,7 +536,7 @@ def _export_dynamo(
     )
 
 
-def _sdpa_as_rank4(
+def _sdpa_as_matmuls(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
@@ -547,38 +547,33 @@ def _sdpa_as_rank4(
     scale: float | None = None,
     enable_gqa: bool = False,
 ) -> Any:
-    """``scaled_dot_product_attention`` on inputs of another rank than 4, as the same op on
-    rank-4 views (the leading dims flattened into one batch): the exporter translates rank
-    4 only, and Twins', NesT's and Hiera's grouped attention is (batch, groups, heads,
-    tokens, dim). Rank 4 is left as it is (``NotImplemented``)."""
-    if query.dim() == key.dim() == value.dim() == 4 or query.dim() < 3:
+    """``scaled_dot_product_attention`` as the products and softmax it stands for, at any
+    rank. The exporter translates the op at rank 4 only (Twins', NesT's and Hiera's grouped
+    attention is (batch, groups, heads, tokens, dim)), and a graph torch.export recorded
+    around the attention kernel's output strides (a bare view of its transposed output, in
+    Hugging Face's Swin) fails once the exporter swaps that kernel for its own. Dropout
+    (``dropout_p > 0``) is left to the exporter (``NotImplemented``)."""
+    if dropout_p:
         return NotImplemented
-    lead = query.shape[:-2]
-    if key.shape[:-2] != lead or value.shape[:-2] != lead:
-        return NotImplemented
-    heads, length, source = lead[-1], query.shape[-2], key.shape[-2]
-
-    def rank4(t: torch.Tensor) -> torch.Tensor:
-        return t.reshape(-1, heads, t.shape[-2], t.shape[-1])
-
-    mask = None
+    if enable_gqa and query.shape[-3] != key.shape[-3]:
+        repeat = query.shape[-3] // key.shape[-3]
+        key = key.repeat_interleave(repeat, dim=-3)
+        value = value.repeat_interleave(repeat, dim=-3)
+    factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    scores = torch.matmul(query, key.transpose(-2, -1)) * factor
+    if is_causal:
+        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
-        mask = rank4(attn_mask.expand(*lead, length, source))
-    out = torch.ops.aten.scaled_dot_product_attention.default(
-        rank4(query),
-        rank4(key),
-        rank4(value),
-        mask,
-        dropout_p,
-        is_causal,
-        scale=scale,
-        enable_gqa=enable_gqa,
-    )
-    return out.reshape(*lead, length, value.shape[-1])
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    return torch.matmul(scores.softmax(dim=-1), value)
 
 
 # aten ops the ONNX exporter fails on in some forms, and their rewrites into forms it takes
-_ONNX_REWRITES = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_rank4}
+_ONNX_REWRITES = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_matmuls}
 
 
 def _export_torchscript(

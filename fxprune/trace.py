@@ -617,6 +617,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
                         dynamic_shapes=dynamic,
                     ).module()
                 inline_wrapped_regions(other)
+                views_as_reshapes(other)
                 others[training] = other
             except Exception as exc:
                 others[training] = exc
@@ -630,6 +631,7 @@ def _trace_export(model: nn.Module, inputs: ExampleInputs) -> fx.GraphModule:
             f"wrong gradients). Use frontend='fx', which keeps each one as a single op."
         )
     inline_wrapped_regions(gm)
+    views_as_reshapes(gm)
     record_modes(gm, {mode: gm, **others} if mode is not None else others)
     make_switchable(gm, model.training if mode is None else mode)
     # Record concrete shapes of the example (export's own metadata may be symbolic, or
@@ -798,6 +800,26 @@ def inline_wrapped_regions(gm: fx.GraphModule) -> int:
             count += 1
     if count:
         gm.graph.lint()
+        gm.recompile()
+    return count
+
+
+def views_as_reshapes(gm: fx.GraphModule) -> int:
+    """Turn torch.export's ``aten.view`` nodes into ``aten.reshape``.
+
+    torch.export records ``x.reshape(...)`` as a view, and drops ``.contiguous()``, where the
+    tensor it traced was contiguous: Hugging Face attention's ``transpose(1, 2).contiguous()``
+    then ``reshape`` becomes a bare view of a transposed tensor, valid only for the strides
+    the CPU's attention kernel happened to return. Exported again (ONNX, with other kernels'
+    strides) or pruned to other sizes, such a view fails. ``reshape`` gives the same values,
+    and is the same view wherever a view is possible.
+    """
+    count = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            count += 1
+    if count:
         gm.recompile()
     return count
 

@@ -444,12 +444,60 @@ def test_grouped_rank5_attention_exports_with_a_dynamic_batch(tmp_path, caplog):
     assert any(n.op_type == "Softmax" or n.op_type == "Attention" for n in graph.node)
 
 
-def test_the_rank4_rewrite_leaves_rank4_attention_to_the_exporter():
-    from fxprune.export.onnx import _sdpa_as_rank4
+@pytest.mark.parametrize(
+    "shape, kv_heads, mask, causal",
+    [
+        ((2, 3, 5, 4), 3, None, False),
+        ((2, 3, 2, 5, 4), 2, "bool", False),  # grouped: (batch, groups, heads, tokens, dim)
+        ((2, 4, 5, 4), 4, "float", False),
+        ((2, 4, 5, 4), 4, None, True),
+        ((2, 4, 5, 4), 2, None, False),  # grouped-query attention
+    ],
+)
+def test_attention_as_matmuls_equals_the_op(shape, kv_heads, mask, causal):
+    from fxprune.export.onnx import _sdpa_as_matmuls
 
-    q = torch.randn(2, 3, 5, 4)
-    assert _sdpa_as_rank4(q, q, q) is NotImplemented
-    q5 = torch.randn(2, 3, 2, 5, 4)
-    mask = torch.rand(3, 1, 5, 5) > 0.5
-    want = nn.functional.scaled_dot_product_attention(q5, q5, q5, attn_mask=mask)
-    torch.testing.assert_close(_sdpa_as_rank4(q5, q5, q5, mask), want)
+    torch.manual_seed(0)
+    q = torch.randn(*shape)
+    kv = torch.randn(*shape[:-3], kv_heads, *shape[-2:])
+    m = {
+        None: None,
+        "bool": torch.rand(shape[-2], shape[-2]) > 0.3,
+        "float": torch.randn(shape[-2], shape[-2]),
+    }[mask]
+    if m is not None and m.dtype == torch.bool:
+        m[:, 0] = True  # no row fully masked
+    gqa = kv_heads != shape[-3]
+    want = nn.functional.scaled_dot_product_attention(
+        q, kv, kv, attn_mask=m, is_causal=causal, enable_gqa=gqa
+    )
+    got = _sdpa_as_matmuls(q, kv, kv, m, 0.0, causal, enable_gqa=gqa)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert _sdpa_as_matmuls(q, q, q, None, 0.1) is NotImplemented  # dropout: the exporter's
+
+
+def test_a_pruned_hugging_face_swin_exports_with_a_dynamic_batch(tmp_path, caplog):
+    # torch.export records Swin's attention tail (transpose, .contiguous(), reshape) as a bare
+    # view of the CPU attention kernel's output layout; the ONNX exporter's own attention
+    # kernel returns other strides and the view fails, unless attention is exported as the
+    # products and softmax it stands for
+    import fxprune
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.SwinConfig(
+        embed_dim=32, depths=[1, 1], num_heads=[2, 4], window_size=7, patch_size=4
+    )
+    model = transformers.SwinForImageClassification(config).eval()
+    x = {"pixel_values": torch.randn(1, 3, 224, 224)}
+    res = fxprune.prune(model, x, ratio=0.5, round_to=8, ignore=[model.classifier], verify=False)
+    assert not any(n.target is torch.ops.aten.view.default for n in res.module.graph.nodes)
+    with caplog.at_level(logging.INFO, logger="fxprune.export.onnx"):
+        result = to_onnx(res.module, x, tmp_path / "swin.onnx")
+    assert "rewritten for the ONNX exporter" in caplog.text
+    assert result.dynamic_batch and result.max_rel_err < 1e-3
+    x2 = torch.randn(2, 3, 224, 224)
+    got = _ort_run(result.path, {result.input_names[0]: x2})[0]
+    with torch.no_grad():
+        want = res.module(pixel_values=x2).logits
+    np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
