@@ -505,32 +505,45 @@ class _ScriptProgram:
         )
 
 
-def _export_dynamo(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    dynamic_shapes: Any,
-    opset: int | None,
-    reference: Sequence[tuple[str, torch.Tensor]],
-    rewrite: bool = False,
-):
-    """``torch.onnx.export(dynamo=True)`` of ``module``; ``rewrite``: of its exported
+@dataclass(frozen=True)
+class _ExportCall:
+    """What every exporter is given: the module, its example inputs, the batch's dynamic
+    shapes (None: static), the opset and the reference outputs (their names)."""
+
+    module: nn.Module
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+    dynamic_shapes: Any
+    opset: int | None
+    reference: Sequence[tuple[str, torch.Tensor]]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [n for n, _ in self.reference]
+
+
+def _export_dynamo(call: _ExportCall, rewrite: bool = False):
+    """``torch.onnx.export(dynamo=True)`` of the module; ``rewrite``: of its exported
     program with the ops in :data:`_ONNX_REWRITES` rewritten into forms the exporter
     translates."""
-    model: Any = module
+    model: Any = call.module
     if rewrite:
         program = torch.export.export(
-            module, args, kwargs or None, dynamic_shapes=dynamic_shapes, strict=False
+            call.module,
+            call.args,
+            call.kwargs or None,
+            dynamic_shapes=call.dynamic_shapes,
+            strict=False,
         )
         model = program.run_decompositions(dict(_ONNX_REWRITES))
     return torch.onnx.export(
         model,
-        args,
-        kwargs=kwargs or None,
+        call.args,
+        kwargs=call.kwargs or None,
         dynamo=True,
-        dynamic_shapes=None if rewrite else dynamic_shapes,
-        opset_version=opset,
-        output_names=[n for n, _ in reference],
+        dynamic_shapes=None if rewrite else call.dynamic_shapes,
+        opset_version=call.opset,
+        output_names=call.output_names,
         verbose=False,
         report=False,
     )
@@ -576,20 +589,14 @@ def _sdpa_as_matmuls(
 _ONNX_REWRITES = {torch.ops.aten.scaled_dot_product_attention.default: _sdpa_as_matmuls}
 
 
-def _export_torchscript(
-    module: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    dynamic_shapes: Any,
-    opset: int | None,
-    reference: Sequence[tuple[str, torch.Tensor]],
-) -> _ScriptProgram:
+def _export_torchscript(call: _ExportCall) -> _ScriptProgram:
     """Export with ``torch.onnx.export(..., dynamo=False)`` (tracing, as torchvision's own
     ONNX tests do for its detectors), to a temporary file read back into memory."""
     import tempfile
 
     import onnx_ir as ir
 
+    module, args, kwargs, dynamic_shapes = call.module, call.args, call.kwargs, call.dynamic_shapes
     named = named_tensor_inputs(module, args, kwargs)
     names = [n for n, _ in named]
     axes = None
@@ -610,9 +617,9 @@ def _export_torchscript(
             args + ((kwargs,) if kwargs else ()),
             str(file),
             dynamo=False,
-            opset_version=opset or 17,
+            opset_version=call.opset or 17,
             input_names=names,
-            output_names=[n for n, _ in reference],
+            output_names=call.output_names,
             dynamic_axes=axes,
         )
         model = ir.load(file)
@@ -664,16 +671,15 @@ def _export(
 ):
     """The dynamo exporter's program; where torch.export cannot capture the model (a
     torchvision detector's data-dependent box decoding and NMS), the TorchScript exporter's."""
+    call = _ExportCall(module, args, kwargs, dynamic_shapes, opset, reference)
     with warnings.catch_warnings():
         # One shared Dim for every input's batch makes the exporter say it keeps one name.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
         try:
-            program = _export_dynamo(module, args, kwargs, dynamic_shapes, opset, reference)
+            program = _export_dynamo(call)
         except Exception as exc:  # the exporter raises many types; all mean "could not export"
             try:
-                program = _export_dynamo(
-                    module, args, kwargs, dynamic_shapes, opset, reference, rewrite=True
-                )
+                program = _export_dynamo(call, rewrite=True)
                 logger.info(
                     "exported %s with %s rewritten for the ONNX exporter",
                     type(module).__name__,
@@ -683,9 +689,7 @@ def _export(
             except Exception as rewritten_exc:
                 logger.debug("the rewritten program did not export either: %s", rewritten_exc)
             try:
-                program = _export_torchscript(
-                    module, args, kwargs, dynamic_shapes, opset, reference
-                )
+                program = _export_torchscript(call)
             except Exception as script_exc:
                 hint = (
                     " If the model fixes its batch size somewhere (or takes a list of "

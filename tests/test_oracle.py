@@ -143,15 +143,22 @@ def test_rewritten_view_constants_name_the_view_node():
     assert "shape [1, 6, 4, 64] but expected [1, 4, 6, 64]" in msg
 
 
+def shift_the_split(res) -> int:
+    """Move one channel from the split's second part to its first (the graph still runs);
+    returns the first part's right size."""
+    split = node(res, "split")
+    a, b = split.args[1]
+    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
+    res.module.recompile()
+    return a
+
+
 def test_changed_split_sizes_name_the_split_node():
     torch.manual_seed(0)
     model = SplitSwap().eval()
     res, x = pruned(model)
     fxprune.verify(model, res, x)
-    split = node(res, "split")
-    a, b = split.args[1]
-    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
-    res.module.recompile()
+    a = shift_the_split(res)
     res.module(x)  # still 12 channels into c: runs
     with pytest.raises(VerificationError) as info:
         fxprune.verify(model, res, x)
@@ -165,10 +172,7 @@ def test_without_a_graph_plan_the_differing_output_is_named():
     torch.manual_seed(0)
     model = SplitSwap().eval()
     res, x = pruned(model)
-    split = node(res, "split")
-    a, b = split.args[1]
-    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
-    res.module.recompile()
+    shift_the_split(res)
     res.graph_plan = None
     with pytest.raises(VerificationError, match=r"output 0 \(shape \[1, 4, 8, 8\]\).*differs"):
         fxprune.verify(model, res, x)
@@ -407,10 +411,7 @@ def test_prune_time_oracle_catches_a_wrong_rewrite_and_names_the_node():
     torch.manual_seed(0)
     model = SplitSwap().eval()
     res, x = pruned(model)
-    split = node(res, "split")
-    a, b = split.args[1]
-    split.args = (split.args[0], [a + 1, b - 1], *split.args[2:])
-    res.module.recompile()
+    shift_the_split(res)
     plan = res.graph_plan
 
     def locate(masked, run):
