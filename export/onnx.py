@@ -35,7 +35,10 @@ from fxprune.trace import batch_of_two
 logger = logging.getLogger(__name__)
 
 # ONNX protobuf files cannot exceed 2 GiB; above this the weights must go to a side file.
-_PROTOBUF_LIMIT_BYTES = 2**31 - 1
+# Weights of this size or more go to an external-data file beside the model: a protobuf file
+# holds at most 2 GiB. Counted on the module's state and on the exported initializers, which
+# can hold more (constants the exporter folded).
+_EXTERNAL_DATA_BYTES = 2**31 - 1
 # Metadata keys that build_engine reads to pick optimization-profile shapes.
 META_EXAMPLE_SHAPES = "fxprune.example_shapes"
 META_DYNAMIC_BATCH = "fxprune.dynamic_batch"
@@ -251,6 +254,12 @@ def _state_bytes(module: nn.Module, fp16: bool) -> int:
     )
 
 
+def _initializer_bytes(program: Any) -> int:
+    """Bytes of the exported model's initializers (its weights as written)."""
+    values = program.model.graph.initializers.values()
+    return sum(v.const_value.nbytes for v in values if v.const_value is not None)
+
+
 def eval_version(module: nn.Module) -> nn.Module:
     """``module`` itself when it is in eval mode, else an eval-mode copy.
 
@@ -410,7 +419,7 @@ def to_onnx(
         {name: list(t.shape) for name, t in named_inputs}
     )
     program.model.metadata_props[META_DYNAMIC_BATCH] = json.dumps(bool(dynamic_batch))
-    large = _state_bytes(module, fp16) >= _PROTOBUF_LIMIT_BYTES
+    large = max(_state_bytes(module, fp16), _initializer_bytes(program)) >= _EXTERNAL_DATA_BYTES
     # The temp folder sits beside the target so the final os.replace is an atomic rename on
     # the same filesystem, and it uses the final file name so external-data locations
     # written into the model stay valid after the move.

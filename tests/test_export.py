@@ -501,3 +501,20 @@ def test_a_pruned_hugging_face_swin_exports_with_a_dynamic_batch(tmp_path, caplo
     with torch.no_grad():
         want = res.module(pixel_values=x2).logits
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-3, atol=1e-4)
+
+
+def test_weights_past_the_external_data_size_go_beside_the_model(tmp_path, monkeypatch):
+    # a protobuf file holds at most 2 GiB: weights past that go to a .data file beside the
+    # model, which the checks and ONNX Runtime read (the switch lowered to test it)
+    import fxprune.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_EXTERNAL_DATA_BYTES", 4096)
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = to_onnx(model, x, tmp_path / "cnn.onnx")
+    assert (tmp_path / "cnn.onnx.data").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cnn.onnx", "cnn.onnx.data"]
+    (got,) = _ort_run(result.path, {result.input_names[0]: x})
+    with torch.no_grad():
+        np.testing.assert_allclose(got, model(x).numpy(), rtol=1e-4, atol=1e-5)
