@@ -158,7 +158,7 @@ def measure(name: str) -> dict[str, Any]:
                     instruments=[timer] if flag else [],
                 )[1]
             )
-        oracle.append(sum(t for n, t in timer.times if n in ("SnapshotPass", "VerifyPass")))
+        oracle.append(_oracle_seconds(timer))
     pruned = fxprune.prune(
         model, inputs, ratio=RATIO, round_to=ROUND_TO, ignore=[head], verify=False
     ).module
@@ -200,6 +200,11 @@ def _oracle_cost(model, inputs, head) -> float:
 
     timer = fxprune.TimePasses()
     fxprune.prune(model, inputs, ratio=RATIO, round_to=ROUND_TO, ignore=[head], instruments=[timer])
+    return _oracle_seconds(timer)
+
+
+def _oracle_seconds(timer) -> float:
+    """The time of the oracle's two passes in what ``timer`` (``TimePasses``) recorded."""
     return sum(t for n, t in timer.times if n in ("SnapshotPass", "VerifyPass"))
 
 

@@ -2,8 +2,8 @@
 
 `to_onnx` exports with the dynamo exporter (the TorchScript exporter where torch.export
 cannot capture the model, as for torchvision's detectors; optionally with a dynamic batch
-dimension and in float16), runs the full ONNX checker, then runs the file in ONNX Runtime on the CPU
-and compares every output with the PyTorch module. The file appears at its path only
+dimension and in float16), runs the full ONNX checker, then runs the file in ONNX Runtime on
+the CPU and compares every output with the PyTorch module. The file appears at its path only
 after all of that passed, so a reader never sees a half-written or unverified model.
 """
 
@@ -34,7 +34,6 @@ from fxprune.trace import batch_of_two
 
 logger = logging.getLogger(__name__)
 
-# ONNX protobuf files cannot exceed 2 GiB; above this the weights must go to a side file.
 # Weights of this size or more go to an external-data file beside the model: a protobuf file
 # holds at most 2 GiB. Counted on the module's state and on the exported initializers, which
 # can hold more (constants the exporter folded).
@@ -584,7 +583,9 @@ def _sdpa_as_matmuls(
     factor = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     scores = torch.matmul(query, key.transpose(-2, -1)) * factor
     if is_causal:
-        keep = torch.ones(query.shape[-2], key.shape[-2], dtype=torch.bool).tril()
+        keep = torch.ones(
+            query.shape[-2], key.shape[-2], dtype=torch.bool, device=query.device
+        ).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
@@ -678,46 +679,55 @@ def _export(
     opset: int | None,
     reference: Sequence[tuple[str, torch.Tensor]],
 ):
-    """The dynamo exporter's program; where torch.export cannot capture the model (a
+    """The dynamo exporter's program; where it fails, the same on the exported program with
+    :data:`_ONNX_REWRITES` applied; where torch.export cannot capture the model (a
     torchvision detector's data-dependent box decoding and NMS), the TorchScript exporter's."""
     call = _ExportCall(module, args, kwargs, dynamic_shapes, opset, reference)
+    rewritten = ", ".join(str(op) for op in _ONNX_REWRITES)
+    attempts = (  # (how, export, what the log says when this one is the first to succeed)
+        ("dynamo", lambda: _export_dynamo(call), ""),
+        (
+            "dynamo, rewritten",
+            lambda: _export_dynamo(call, rewrite=True),
+            f"with {rewritten} rewritten for the ONNX exporter",
+        ),
+        ("TorchScript", lambda: _export_torchscript(call), "with the TorchScript exporter"),
+    )
+    failures: list[Exception] = []
     with warnings.catch_warnings():
         # One shared Dim for every input's batch makes the exporter say it keeps one name.
         warnings.filterwarnings("ignore", message=r".*axis name.*will not be used.*")
-        try:
-            program = _export_dynamo(call)
-        except Exception as exc:  # the exporter raises many types; all mean "could not export"
+        for how, export, note in attempts:
             try:
-                program = _export_dynamo(call, rewrite=True)
+                program = export()
+            except Exception as exc:  # the exporters raise many types; all mean "could not"
+                logger.debug("the %s export of %s failed: %s", how, type(module).__name__, exc)
+                failures.append(exc)
+                continue
+            if failures:
+                first = failures[0]
                 logger.info(
-                    "exported %s with %s rewritten for the ONNX exporter",
+                    "the dynamo exporter failed for %s (%s: %s); exported %s",
                     type(module).__name__,
-                    ", ".join(str(op) for op in _ONNX_REWRITES),
+                    type(first).__name__,
+                    str(first).splitlines()[0] if str(first) else "",
+                    note,
                 )
-                return program
-            except Exception as rewritten_exc:
-                logger.debug("the rewritten program did not export either: %s", rewritten_exc)
-            try:
-                program = _export_torchscript(call)
-            except Exception as script_exc:
-                hint = (
-                    " If the model fixes its batch size somewhere (or takes a list of "
-                    "unbatched images, as torchvision's detectors do), retry with "
-                    "dynamic_batch=False."
-                    if dynamic_shapes is not None
-                    else ""
-                )
-                raise ExportError(
-                    f"torch.onnx.export (dynamo) failed for {type(module).__name__}: "
-                    f"{type(exc).__name__}: {exc}; the TorchScript exporter failed too: "
-                    f"{type(script_exc).__name__}: {script_exc}.{hint}"
-                ) from exc
-            logger.info(
-                "the dynamo exporter failed for %s (%s: %s); exported with the TorchScript exporter",
-                type(module).__name__,
-                type(exc).__name__,
-                str(exc).splitlines()[0] if str(exc) else "",
+            break
+        else:
+            first, last = failures[0], failures[-1]
+            hint = (
+                " If the model fixes its batch size somewhere (or takes a list of "
+                "unbatched images, as torchvision's detectors do), retry with "
+                "dynamic_batch=False."
+                if dynamic_shapes is not None
+                else ""
             )
+            raise ExportError(
+                f"torch.onnx.export (dynamo) failed for {type(module).__name__}: "
+                f"{type(first).__name__}: {first}; the TorchScript exporter failed too: "
+                f"{type(last).__name__}: {last}.{hint}"
+            ) from first
     if program is None:
         raise ExportError("torch.onnx.export returned no program")
     return program

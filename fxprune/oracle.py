@@ -170,12 +170,18 @@ class _Dropped:
         hit = self._found.get(key)
         if hit is not None and hit[0] is idx:
             return hit[1]
-        index = torch.as_tensor(idx, dtype=torch.long)
-        keep = torch.zeros(size, dtype=torch.bool)
-        keep[index[index >= 0]] = True
-        dropped = None if bool(keep.all()) else (~keep).nonzero().flatten()
+        keep = _kept_flags(idx, size)
+        dropped = None if keep.all() else torch.from_numpy(np.flatnonzero(~keep))
         self._found[key] = (idx, dropped)  # holding ``idx`` keeps its id from being reused
         return dropped
+
+
+def _kept_flags(idx: torch.Tensor, size: int) -> np.ndarray:
+    """True at the positions of ``size`` that ``idx`` keeps (-1, a padding channel, keeps none)."""
+    keep = np.zeros(size, dtype=bool)
+    index = np.asarray(torch.as_tensor(idx, dtype=torch.long).cpu())
+    keep[index[index >= 0]] = True
+    return keep
 
 
 def _masked(t: torch.Tensor, dims: dict[int, torch.Tensor], dropped: _Dropped) -> torch.Tensor:
@@ -240,11 +246,11 @@ class _MaskedOnCall:
     """A private graph made its own masked original without a masked copy of every weight.
 
     A masked copy of every weight costs a third of the forward it is made for (ResNet-50,
-    batch 1), most of it in first touches of new memory. Instead, each parameter of a module that the graph only ever
-    *calls* (a ``call_module`` target with no called ancestor and no ``get_attr`` reaching
-    into it) is replaced by a view of one scratch buffer per dtype, the size of the largest
-    such module, and a forward pre-hook writes its masked values there just before that
-    module runs. The other kept tensors are masked up front, as :func:`masked_original`
+    batch 1), most of it in first touches of new memory. Instead, each parameter of a module
+    that the graph only ever *calls* (a ``call_module`` target with no called ancestor and no
+    ``get_attr`` reaching into it) is replaced by a view of one scratch buffer per dtype, the
+    size of the largest such module, and a forward pre-hook writes its masked values there
+    just before that module runs. The other kept tensors are masked up front, as :func:`masked_original`
     does. On exit the graph's own parameters are back in place.
 
     The masked values are the weight times a 0/1 vector per pruned dim: an inf or nan where a
@@ -263,7 +269,9 @@ class _MaskedOnCall:
 
     def __init__(self, gm: nn.Module, kept: Kept) -> None:
         self.gm, self.aliased = gm, False
-        self._owned: dict[str, list[tuple[str, torch.Tensor, list[torch.Tensor]]]] = {}
+        # per owner module: (name, tensor, masks, offset in the scratch buffer of its dtype)
+        self._owned: dict[str, list[tuple[str, torch.Tensor, list[torch.Tensor], int]]] = {}
+        self._need: dict[tuple[torch.device, torch.dtype], int] = {}  # scratch sizes
         rest: Kept = {}
         callable_only = (
             _modules_only_called(gm)
@@ -278,8 +286,13 @@ class _MaskedOnCall:
                 rest[fqn] = dims
                 continue
             masks = _keep_masks(t, dims)
-            if masks is not None:  # else nothing of it is dropped: the tensor stays as it is
-                self._owned.setdefault(prefix, []).append((name, t, masks))
+            if masks is None:  # nothing of it is dropped: the tensor stays as it is
+                continue
+            tensors = self._owned.setdefault(prefix, [])
+            key = (t.device, t.dtype)
+            at = sum(u.numel() for _, u, _, _ in tensors if (u.device, u.dtype) == key)
+            tensors.append((name, t, masks, at))
+            self._need[key] = max(self._need.get(key, 0), at + t.numel())
         self._rest = rest
         self._handles: list[Any] = []
         self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -288,22 +301,11 @@ class _MaskedOnCall:
         gm = self.gm
         _eval(gm)
         masked_original(gm, self._rest, in_place=True)
-        need: dict[tuple[torch.device, torch.dtype], int] = {}
-        for tensors in self._owned.values():
-            used: dict[tuple[torch.device, torch.dtype], int] = {}
-            for _, t, _ in tensors:
-                key = (t.device, t.dtype)
-                used[key] = used.get(key, 0) + t.numel()
-            for key, n in used.items():
-                need[key] = max(need.get(key, 0), n)
-        self._scratch = {k: torch.empty(n, device=k[0], dtype=k[1]) for k, n in need.items()}
+        self._scratch = {k: torch.empty(n, device=k[0], dtype=k[1]) for k, n in self._need.items()}
         for path, tensors in self._owned.items():
-            owner, offsets, writes = gm.get_submodule(path), {}, []
-            for name, t, masks in tensors:
-                key = (t.device, t.dtype)
-                at = offsets.get(key, 0)
-                offsets[key] = at + t.numel()
-                view = self._scratch[key][at : at + t.numel()].view(t.shape)
+            owner, writes = gm.get_submodule(path), []
+            for name, t, masks, at in tensors:
+                view = self._scratch[(t.device, t.dtype)][at : at + t.numel()].view(t.shape)
                 owner._parameters[name] = nn.Parameter(view, requires_grad=False)
                 writes.append((view, t, masks))
             # first among its pre-hooks: one that derives a weight from these (the old
@@ -318,7 +320,7 @@ class _MaskedOnCall:
             h.remove()
         for path, tensors in self._owned.items():
             owner = self.gm.get_submodule(path)
-            for name, t, _ in tensors:
+            for name, t, _, _ in tensors:
                 owner._parameters[name] = t
 
     @staticmethod
@@ -346,9 +348,7 @@ def _keep_masks(t: torch.Tensor, dims: dict[int, torch.Tensor]) -> list[torch.Te
     ``t``: 1 at the kept positions, 0 elsewhere. None when nothing is dropped."""
     masks = []
     for d, idx in dims.items():
-        keep = np.zeros(t.shape[d], dtype=bool)
-        index = np.asarray(torch.as_tensor(idx, dtype=torch.long))
-        keep[index[index >= 0]] = True
+        keep = _kept_flags(idx, t.shape[d])
         if keep.all():
             continue
         shape = [1] * t.dim()
@@ -600,9 +600,10 @@ def check(
             if not masking.aliased:
                 try:
                     return _comparefloat_outputs(ref, got, checked, inexact, lambda: None)
-                except VerificationError as exc:  # confirmed below on a fully masked copy,
-                    logger.debug("confirming on a fully masked copy: %s", exc)  # which names
-        masked = masked_original(original, kept, in_place=original_is_private)  # the node
+                except VerificationError as exc:
+                    logger.debug("confirming on a fully masked copy: %s", exc)
+        # the full reference: the verdict when the lazy one disagrees, and the node it names
+        masked = masked_original(original, kept, in_place=original_is_private)
         ref = float_outputs(masked, example_inputs)
         return _comparefloat_outputs(
             ref, got, checked, inexact, lambda: _locate(locate, masked, run)

@@ -810,9 +810,9 @@ def views_as_reshapes(gm: fx.GraphModule) -> int:
     torch.export records ``x.reshape(...)`` as a view, and drops ``.contiguous()``, where the
     tensor it traced was contiguous: Hugging Face attention's ``transpose(1, 2).contiguous()``
     then ``reshape`` becomes a bare view of a transposed tensor, valid only for the strides
-    the CPU's attention kernel happened to return. Exported again (ONNX, with other kernels'
-    strides) or pruned to other sizes, such a view fails. ``reshape`` gives the same values,
-    and is the same view wherever a view is possible.
+    the traced attention kernel returned; another kernel (another device's) may return
+    others, and the view fails. ``reshape`` gives the same values, and is the same view
+    wherever a view is possible.
     """
     count = 0
     for node in gm.graph.nodes:

@@ -211,7 +211,7 @@ def conv(op: CanonicalOp, env: ChannelEnv):
     cdim = len(shape) - (w.dim() - 1)  # batched (N, C, ...) or unbatched (C, ...)
     if _positions_carry_channels(lay, cdim):
         if _pointwise(op, w, shape, out_shape, cdim):
-            return _per_position_conv(op, env, fqn, w, lay)
+            return _channels_pass_through(op, env, fqn, w, lay)
         return default_rule(op, env, "a conv mixes positions along a dim that carries channels")
     c_out, c_in_g = w.shape[0], w.shape[1]
     xa = env.dim_atoms(lay, shape, cdim)
@@ -262,17 +262,6 @@ def _pointwise(op: CanonicalOp, w: torch.Tensor, shape, out_shape, cdim: int) ->
     ones = stride if isinstance(stride, (tuple, list)) else (stride,)
     pads = padding if isinstance(padding, (tuple, list)) else (padding,)
     return all(v == 1 for v in ones) and (padding in ("valid", "same") or all(v == 0 for v in pads))
-
-
-def _per_position_conv(op: CanonicalOp, env: ChannelEnv, fqn: str, w: torch.Tensor, lay: Layout):
-    """A pointwise conv maps each position on its own: the channels along the positions pass
-    through; the weight's rows and columns index the conv's own (untracked) channels and
-    stay whole. A bias makes a pruned (zero) position non-zero."""
-    env.param_dim(fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1, dtype=np.int64))
-    env.param_dim(fqn, 1, w.shape[1], bind=np.full(w.shape[1], -1, dtype=np.int64))
-    if isinstance(op.attrs.bias, ParamRef):
-        env.param_dim(op.attrs.bias.fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1))
-    return Layout(lay.atoms, lay.zero and op.attrs.bias is None)
 
 
 _STD_CONVS = tuple(
@@ -378,7 +367,7 @@ def linear(op: CanonicalOp, env: ChannelEnv):
     if _rows_carry_channels(lay):
         if isinstance(bias, fx.Node):
             return default_rule(op, env, "linear over tokens with a computed bias")
-        return _per_row_linear(op, env, fqn, w, lay)
+        return _channels_pass_through(op, env, fqn, w, lay)
     xa = env.dim_atoms(lay, shape, len(shape) - 1)
     if not lay.zero:
         env.inexact(xa, "linear reads channels that are non-zero when pruned")
@@ -430,13 +419,15 @@ def _rows_carry_channels(lay: Layout) -> bool:
     return a.ndim >= 2 and a.shape[-1] == 1 and any(n > 1 for n in a.shape[:-1])
 
 
-def _per_row_linear(op: CanonicalOp, env: ChannelEnv, fqn: str, w: torch.Tensor, lay: Layout):
-    """Each row (one channel) is mapped on its own: the channels pass through; the weight's
-    rows and columns index tokens, not channels, and stay whole. A bias makes a pruned
-    (zero) row non-zero."""
-    untracked = np.full(w.shape[1], -1, dtype=np.int64)
-    env.param_dim(fqn, 1, w.shape[1], bind=untracked)
+def _channels_pass_through(
+    op: CanonicalOp, env: ChannelEnv, fqn: str, w: torch.Tensor, lay: Layout
+) -> Layout:
+    """The channels sit on dims the layer maps one position at a time (a linear over the
+    tokens of a (batch, channels, tokens) tensor, a pointwise conv over (batch, tokens,
+    channels)): they pass through, and the weight's rows and columns, which index the
+    layer's own (untracked) dims, stay whole. A bias makes a pruned (zero) position non-zero."""
     env.param_dim(fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1, dtype=np.int64))
+    env.param_dim(fqn, 1, w.shape[1], bind=np.full(w.shape[1], -1, dtype=np.int64))
     if isinstance(op.attrs.bias, ParamRef):
         env.param_dim(op.attrs.bias.fqn, 0, w.shape[0], bind=np.full(w.shape[0], -1))
     return Layout(lay.atoms, lay.zero and op.attrs.bias is None)

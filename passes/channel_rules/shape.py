@@ -447,15 +447,21 @@ def _size_reads(node: Any, seen: set[fx.Node]) -> set[tuple[fx.Node, int | None]
     return reads
 
 
-def _size_moves(size: Any, s: SurgeryEnv) -> bool:
-    """Whether a size computed in the graph reads a dim that surgery shrinks."""
+def _read_sizes(size: Any, s: SurgeryEnv) -> list[tuple[int, int]]:
+    """(size before surgery, size after) of every tensor dim a size computed in the graph reads."""
+    out = []
     for src, dim in _size_reads(size, set()):
         old, new = s.old_shape(src), s.new_shape(src)
         if old is None or not isinstance(new, tuple) or len(new) != len(old):
             continue
-        if tuple(old) != tuple(new) if dim is None else old[dim] != new[dim]:
-            return True
-    return False
+        dims = range(len(old)) if dim is None else [dim]
+        out.extend((old[d], new[d]) for d in dims)
+    return out
+
+
+def _size_moves(size: Any, s: SurgeryEnv) -> bool:
+    """Whether a size computed in the graph reads a dim that surgery shrinks."""
+    return any(o != n for o, n in _read_sizes(size, s))
 
 
 # the integer operators a size computed in the graph may apply (``B * C // 2``, ``ceil``)
@@ -511,14 +517,7 @@ def _size_value(size: Any, shape_of: Any) -> Any:
 def _reads_a_kept_dim(size: fx.Node, surgery: SurgeryEnv) -> bool:
     """Whether ``size`` reads a dim surgery leaves alone (the batch, tokens, an image
     side): a dim that may take other values at run time than in the example."""
-    for src, dim in _size_reads(size, set()):
-        old, new = surgery.old_shape(src), surgery.new_shape(src)
-        if old is None or not isinstance(new, tuple) or len(new) != len(old):
-            continue
-        dims = range(len(old)) if dim is None else [dim]
-        if any(old[d] == new[d] for d in dims):
-            return True
-    return False
+    return any(o == n for o, n in _read_sizes(size, surgery))
 
 
 def _scaled(node: fx.Node, size: fx.Node, want: int, now: int) -> fx.Node:
